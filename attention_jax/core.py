@@ -314,11 +314,33 @@ def register_implementation(name: str, fn: Callable[[AttentionInputs], tuple[jax
   _IMPLS[name] = fn
 
 
+def _is_concrete_number(x) -> bool:
+  if x is None or isinstance(x, (int, float)):
+    return True
+  try:
+    float(x)
+    return True
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return False
+
+
+def _auto_implementation(inp: AttentionInputs | None) -> str:
+  """"auto": the Pallas flash kernel on GPU, the blockwise path elsewhere (both memory-efficient).
+
+  Calls the kernel cannot take (dense bias/mask arrays) go to "blockwise"; traced (non-concrete) ``scale`` or
+  ``logits_soft_cap`` go to "reference". TPU gets "blockwise" until its Pallas kernel lands.
+  """
+  if inp is not None and not (_is_concrete_number(inp.scale) and _is_concrete_number(inp.logits_soft_cap)):
+    return "reference"
+  if jax.default_backend() == "gpu" and (inp is None or (inp.bias is None and inp.mask is None)):
+    return "pallas"
+  return "blockwise"
+
+
 def resolve_implementation(implementation: str | None, inp: AttentionInputs | None = None) -> str:
   """Maps ``None``/"auto" to a concrete implementation and checks the name (``ValueError`` if unknown)."""
   if implementation is None or implementation == "auto":
-    # Until the memory-efficient backends land, "auto" is jax.nn's XLA path where it can express the call.
-    return "reference" if inp is not None and inp.logits_soft_cap is not None else "xla"
+    return _auto_implementation(inp)
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown implementation={implementation!r}; choose one of {('auto',) + IMPLEMENTATIONS}")
   return implementation

@@ -1,0 +1,347 @@
+"""Memory-efficient attention in pure JAX: online softmax over key chunks, for any backend.
+
+The forward maps over query chunks; for each it loops over only the key chunks its rows can see (causal and
+local-window chunks outside the band are skipped), keeping a running max, sum and float32 accumulator
+(Rabe & Staats 2021; Dao et al. 2022). Memory is O(query_chunk x key_chunk) per step instead of O(T x S).
+
+The backward is a ``jax.custom_vjp`` that saves only the output and the logsumexp and recomputes each tile's
+probabilities: one pass over key chunks, an inner loop over the query chunks that see them, accumulating
+dK/dV per key chunk and dQ into a float32 buffer. Nothing of size T x S is ever stored.
+
+``blockwise_attention`` has the arguments and semantics of :func:`attention_jax.dot_product_attention`
+(including ``bias`` and ``mask`` arrays, which are sliced per tile, and a gradient for ``bias``);
+``blockwise_attention_reference`` is the plain algorithm with the same signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from attention_jax import _tiling, core
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkSizes:
+  """Query / key chunk lengths. Larger chunks mean bigger matmuls and more memory per step."""
+  query: int = 512
+  key: int = 512
+
+  def __post_init__(self):
+    if self.query <= 0 or self.key <= 0:
+      raise ValueError(f"chunk sizes must be positive; got {self}")
+
+  @classmethod
+  def get_default(cls) -> "ChunkSizes":
+    # Measured on a 2-core CPU (experiments/scaling.py, docs/BENCHMARKS.md): 512 x 512 tiles are within a few
+    # percent of the best of {256, 512, 1024}^2 for H = 64 and keep a tile at 1 MiB.
+    return cls(512, 512)
+
+
+class _Config(NamedTuple):
+  """Static (hashable) configuration of one call."""
+  scale: float
+  soft_cap: float | None
+  is_causal: bool
+  window: tuple[int, int] | None
+  T: int               # true lengths (before padding to whole chunks)
+  S: int
+  cq: int
+  ck: int
+  mm_precision: Any    # matmul precision: HIGHEST for float32 inputs
+
+
+class _Aux(NamedTuple):
+  """Non-differentiable per-call arrays (each may be None)."""
+  q_len: jax.Array | None    # int32 [B]
+  kv_len: jax.Array | None   # int32 [B]
+  q_seg: jax.Array | None    # int32 [B, Tp]
+  kv_seg: jax.Array | None   # int32 [B, Sp]
+  mask: jax.Array | None     # bool [Bm, Nm, Tm, Sm], padded like bias
+
+
+def _static_float(name: str, x) -> float | None:
+  if x is None:
+    return None
+  try:
+    return float(x)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise ValueError(f"{name} must be a Python/concrete number for the blockwise and Pallas paths; got {x!r}"
+                     ) from None
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+  if x.shape[axis] == size:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, size - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def _tile(x: jax.Array, q0, cq: int, k0, ck: int) -> jax.Array:
+  """Slice rows [q0, q0+cq) and cols [k0, k0+ck) of a [.., .., T|1, S|1] array (broadcast dims kept)."""
+  if x.shape[2] != 1:
+    x = lax.dynamic_slice_in_dim(x, q0, cq, axis=2)
+  if x.shape[3] != 1:
+    x = lax.dynamic_slice_in_dim(x, k0, ck, axis=3)
+  return x
+
+
+def _heads5(x: jax.Array, K: int, G: int) -> jax.Array:
+  """[B|1, N|1, r, c] -> [B|1, K|1, G|1, r, c]."""
+  if x.shape[1] == 1:
+    return x[:, :, None]
+  return x.reshape(x.shape[0], K, G, *x.shape[2:])
+
+
+def _tile_logits(cfg: _Config, q_i, k_j, bias, q0, k0):
+  """``[B, K, G, cq, ck]`` float32 logits of one tile (scaled, soft-capped, biased) and the pre-cap tanh."""
+  s = jnp.einsum("bqkgh,bskh->bkgqs", q_i, k_j, preferred_element_type=jnp.float32, precision=cfg.mm_precision)
+  s = s * cfg.scale
+  tanh = None
+  if cfg.soft_cap is not None:
+    tanh = jnp.tanh(s / cfg.soft_cap)
+    s = cfg.soft_cap * tanh
+  if bias is not None:
+    K, G = q_i.shape[2:4]
+    s = s + _heads5(_tile(bias, q0, cfg.cq, k0, cfg.ck), K, G).astype(jnp.float32)
+  return s, tanh
+
+
+def _tile_mask(cfg: _Config, aux: _Aux, q0, k0, K: int, G: int):
+  """Bool mask broadcastable to ``[B, K, G, cq, ck]``, or None when the tile needs none."""
+  rows = (q0 + jnp.arange(cfg.cq, dtype=jnp.int32))[:, None]
+  cols = (k0 + jnp.arange(cfg.ck, dtype=jnp.int32))[None, :]
+  kv_limit = None
+  if aux.kv_len is not None:
+    kv_limit = jnp.minimum(aux.kv_len, cfg.S)[:, None, None, None, None]
+  elif cfg.S % cfg.ck:
+    kv_limit = cfg.S
+  q_limit = None if aux.q_len is None else aux.q_len[:, None, None, None, None]
+  mask = _tiling.position_mask(rows[None, None, None], cols[None, None, None], is_causal=cfg.is_causal,
+                               window=cfg.window, kv_limit=kv_limit, q_limit=q_limit)
+  if aux.q_seg is not None:
+    q_seg = lax.dynamic_slice_in_dim(aux.q_seg, q0, cfg.cq, axis=1)
+    kv_seg = lax.dynamic_slice_in_dim(aux.kv_seg, k0, cfg.ck, axis=1)
+    seg = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
+    mask = seg if mask is None else mask & seg
+  if aux.mask is not None:
+    user = _heads5(_tile(aux.mask, q0, cfg.cq, k0, cfg.ck), K, G)
+    mask = user if mask is None else mask & user
+  return mask
+
+
+def _limits(cfg: _Config, aux: _Aux):
+  kv_max = cfg.S if aux.kv_len is None else jnp.minimum(jnp.max(aux.kv_len), cfg.S)
+  q_max = None if aux.q_len is None else jnp.max(aux.q_len)
+  return kv_max, q_max
+
+
+def _forward(cfg: _Config, q, k, v, bias, aux: _Aux):
+  B, Tp, N, H = q.shape
+  K = k.shape[2]
+  G = N // K
+  q5 = q.reshape(B, Tp, K, G, H)
+  kv_max, q_max = _limits(cfg, aux)
+
+  def query_chunk(i):
+    q0 = i * cfg.cq
+    q_i = lax.dynamic_slice_in_dim(q5, q0, cfg.cq, axis=1)
+    lo, hi = _tiling.kv_block_range(q0, cfg.cq, cfg.ck, kv_len=kv_max, is_causal=cfg.is_causal,
+                                    window=cfg.window, q_limit=q_max)
+
+    def body(j, carry):
+      acc, m, l = carry
+      k0 = j * cfg.ck
+      k_j = lax.dynamic_slice_in_dim(k, k0, cfg.ck, axis=1)
+      v_j = lax.dynamic_slice_in_dim(v, k0, cfg.ck, axis=1)
+      s, _ = _tile_logits(cfg, q_i, k_j, bias, q0, k0)
+      mask = _tile_mask(cfg, aux, q0, k0, K, G)
+      if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+      m_new = jnp.maximum(m, s.max(axis=-1))
+      m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)      # rows that have seen no key yet
+      p = jnp.exp(s - m_safe[..., None])
+      correction = jnp.exp(m - m_safe)
+      l = correction * l + p.sum(axis=-1)
+      pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32,
+                      precision=cfg.mm_precision)
+      return correction[..., None] * acc + pv, m_new, l
+
+    init = (jnp.zeros((B, K, G, cfg.cq, H), jnp.float32), jnp.full((B, K, G, cfg.cq), -jnp.inf, jnp.float32),
+            jnp.zeros((B, K, G, cfg.cq), jnp.float32))
+    acc, m, l = lax.fori_loop(lo, hi, body, init)
+    seen = l > 0
+    out = acc / jnp.where(seen, l, 1.0)[..., None]
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q.dtype), lse
+
+  out, lse = lax.map(query_chunk, jnp.arange(Tp // cfg.cq))   # [nq, B, cq, K, G, H], [nq, B, K, G, cq]
+  out = jnp.moveaxis(out, 0, 1).reshape(B, Tp, N, H)
+  lse = jnp.moveaxis(lse, 0, 3).reshape(B, N, Tp)
+  return out, lse
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _attention(cfg: _Config, q, k, v, bias, aux: _Aux):
+  return _forward(cfg, q, k, v, bias, aux)
+
+
+def _attention_fwd(cfg, q, k, v, bias, aux):
+  out, lse = _forward(cfg, q, k, v, bias, aux)
+  return (out, lse), (q, k, v, bias, aux, out, lse)
+
+
+def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """Sums ``x`` over the axes where ``shape`` has size 1 (the broadcast axes), keeping dims."""
+  axes = tuple(a for a, (d, t) in enumerate(zip(shape, x.shape)) if d == 1 and t != 1)
+  return x.sum(axis=axes, keepdims=True) if axes else x
+
+
+def _attention_bwd(cfg, res, cts):
+  q, k, v, bias, aux, out, lse = res
+  d_out, d_lse = cts
+  B, Tp, N, H = q.shape
+  Sp, K = k.shape[1:3]
+  G = N // K
+  q5, do5 = q.reshape(B, Tp, K, G, H), d_out.reshape(B, Tp, K, G, H)
+  # delta_i = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
+  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = (delta - d_lse.astype(jnp.float32)).reshape(B, K, G, Tp)
+  lse_b = jnp.where(jnp.isfinite(lse), lse, jnp.inf).reshape(B, K, G, Tp)   # rows with no key: P = 0
+  kv_max, q_max = _limits(cfg, aux)
+  q_lim = cfg.T if q_max is None else jnp.minimum(q_max, cfg.T)
+
+  def key_chunk(j, carry):
+    dq, dk_all, dv_all, dbias = carry
+    k0 = j * cfg.ck
+    k_j = lax.dynamic_slice_in_dim(k, k0, cfg.ck, axis=1)
+    v_j = lax.dynamic_slice_in_dim(v, k0, cfg.ck, axis=1)
+    lo, hi = _tiling.q_block_range(k0, cfg.ck, cfg.cq, q_len=q_lim, is_causal=cfg.is_causal, window=cfg.window,
+                                   kv_limit=kv_max)
+
+    def body(i, c):
+      dk, dv, dq, dbias = c
+      q0 = i * cfg.cq
+      q_i = lax.dynamic_slice_in_dim(q5, q0, cfg.cq, axis=1)
+      do_i = lax.dynamic_slice_in_dim(do5, q0, cfg.cq, axis=1)
+      lse_i = lax.dynamic_slice_in_dim(lse_b, q0, cfg.cq, axis=3)
+      delta_i = lax.dynamic_slice_in_dim(delta, q0, cfg.cq, axis=3)
+      s, tanh = _tile_logits(cfg, q_i, k_j, bias, q0, k0)
+      mask = _tile_mask(cfg, aux, q0, k0, K, G)
+      if mask is not None:
+        s = jnp.where(mask, s, -jnp.inf)
+      p = jnp.exp(s - lse_i[..., None])
+      dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(q.dtype), do_i, preferred_element_type=jnp.float32,
+                           precision=cfg.mm_precision)
+      dp = jnp.einsum("bqkgh,bskh->bkgqs", do_i, v_j, preferred_element_type=jnp.float32,
+                      precision=cfg.mm_precision)
+      ds = p * (dp - delta_i[..., None])          # d loss / d (final logits)
+      if dbias is not None:
+        db = _reduce_to(ds.reshape(B, N, cfg.cq, cfg.ck), (dbias.shape[0], dbias.shape[1],
+                                                          1 if dbias.shape[2] == 1 else cfg.cq,
+                                                          1 if dbias.shape[3] == 1 else cfg.ck))
+        starts = (0, 0, 0 if dbias.shape[2] == 1 else q0, 0 if dbias.shape[3] == 1 else k0)
+        dbias = lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, starts, db.shape) + db, starts)
+      if tanh is not None:
+        ds = ds * (1.0 - tanh * tanh)
+      ds = (ds * cfg.scale).astype(q.dtype)
+      dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, q_i, preferred_element_type=jnp.float32,
+                           precision=cfg.mm_precision)
+      dq_i = jnp.einsum("bkgqs,bskh->bqkgh", ds, k_j, preferred_element_type=jnp.float32,
+                        precision=cfg.mm_precision)
+      dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, q0, cfg.cq, axis=1) + dq_i, q0, axis=1)
+      return dk, dv, dq, dbias
+
+    zeros = jnp.zeros((B, cfg.ck, K, H), jnp.float32)
+    dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, (zeros, zeros, dq, dbias))
+    dk_all = lax.dynamic_update_slice_in_dim(dk_all, dk.astype(k.dtype), k0, axis=1)
+    dv_all = lax.dynamic_update_slice_in_dim(dv_all, dv.astype(v.dtype), k0, axis=1)
+    return dq, dk_all, dv_all, dbias
+
+  init = (jnp.zeros((B, Tp, K, G, H), jnp.float32), jnp.zeros_like(k), jnp.zeros_like(v),
+          None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+  dq, dk, dv, dbias = lax.fori_loop(0, Sp // cfg.ck, key_chunk, init)
+  dbias = None if bias is None else dbias.astype(bias.dtype)
+  return dq.reshape(B, Tp, N, H).astype(q.dtype), dk, dv, dbias, None
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def blockwise_core(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Runs validated inputs through the blockwise algorithm: ``(output [B,T,N,H], lse [B,N,T])``.
+
+  The logsumexp is differentiable here (its cotangent enters the backward); the public API stops it.
+  """
+  chunk_sizes = ChunkSizes.get_default() if chunk_sizes is None else chunk_sizes
+  B, T, N, H = inp.query.shape
+  S = inp.key.shape[1]
+  cq, ck = min(chunk_sizes.query, T), min(chunk_sizes.key, S)
+  Tp, Sp = _tiling.cdiv(T, cq) * cq, _tiling.cdiv(S, ck) * ck
+  cfg = _Config(scale=_static_float("scale", inp.scale),
+                soft_cap=_static_float("logits_soft_cap", inp.logits_soft_cap), is_causal=inp.is_causal,
+                window=inp.window, T=T, S=S, cq=cq, ck=ck,
+                mm_precision=lax.Precision.HIGHEST if inp.query.dtype == jnp.float32 else None)
+
+  def pad_rows_cols(x):
+    if x is None:
+      return None
+    if x.shape[2] != 1:
+      x = _pad_axis(x, 2, Tp)
+    if x.shape[3] != 1:
+      x = _pad_axis(x, 3, Sp)
+    return x
+
+  aux = _Aux(inp.q_lengths, inp.kv_lengths,
+             None if inp.q_segment_ids is None else _pad_axis(inp.q_segment_ids, 1, Tp, -1),
+             None if inp.kv_segment_ids is None else _pad_axis(inp.kv_segment_ids, 1, Sp, -2),
+             pad_rows_cols(inp.mask))
+  q = _pad_axis(inp.query, 1, Tp)
+  k, v = _pad_axis(inp.key, 1, Sp), _pad_axis(inp.value, 1, Sp)
+  out, lse = _attention(cfg, q, k, v, pad_rows_cols(inp.bias), aux)
+  return out[:, :T], lse[:, :, :T]
+
+
+def blockwise_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                        query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                        q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
+                        chunk_sizes: ChunkSizes | None = None, return_residual: bool = False):
+  """Memory-efficient attention; arguments and semantics of :func:`attention_jax.dot_product_attention`.
+
+  ``chunk_sizes`` sets the query / key tile lengths (default :meth:`ChunkSizes.get_default`). ``scale`` and
+  ``logits_soft_cap`` must be concrete numbers.
+  """
+  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
+                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
+  out, lse = blockwise_core(inp, chunk_sizes)
+  return (out, lax.stop_gradient(lse)) if return_residual else out
+
+
+def blockwise_attention_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                                  query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                                  q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
+                                  chunk_sizes: ChunkSizes | None = None, return_residual: bool = False):
+  """The plain O(T x S) algorithm with :func:`blockwise_attention`'s signature (``chunk_sizes`` is ignored)."""
+  del chunk_sizes
+  return core.reference_attention(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+                                  query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                                  local_window_size=local_window_size, q_segment_ids=q_segment_ids,
+                                  kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap,
+                                  return_residual=return_residual)
+
+
+def _dispatch(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
+  out, lse = blockwise_core(inp)
+  return out, lax.stop_gradient(lse)
+
+
+core.register_implementation("blockwise", _dispatch)

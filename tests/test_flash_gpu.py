@@ -1,0 +1,93 @@
+"""The Pallas (Triton-lowered) flash kernel against the reference, forward and gradients.
+
+``FlashInterpretTest`` runs the kernels in Pallas interpret mode (CPU CI); ``FlashCompiledTest`` reruns the
+same suite compiled, and is skipped unless a GPU is the default backend (experiments/gpu_check.sh runs it).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+import attention_jax as aj
+from attention_jax.kernels import flash_gpu
+from tests.attention_suite import CASES, LOW_PRECISION_CASES, SLOW_CASES, AttentionSuite, make_inputs
+from tests.helpers import assert_close
+
+# Small tiles so that the short CI sequences still span many blocks, ragged last blocks, the causal diagonal and
+# the band edges (masked and unmasked block loops), with different tiles in the three kernels.
+SMALL_BLOCKS = flash_gpu.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
+                                    block_k_dq=16)
+
+
+class FlashInterpretTest(AttentionSuite):
+  INTERPRET = True
+  BLOCKS = SMALL_BLOCKS
+
+  def setUp(self):
+    super().setUp()
+    if not self.INTERPRET and jax.default_backend() != "gpu":
+      self.skipTest("compiled Triton kernels need a GPU")
+
+  def attention(self, q, k, v, **options):
+    return flash_gpu.flash_attention(q, k, v, block_sizes=self.BLOCKS, interpret=self.INTERPRET,
+                                     return_residual=True, **options)
+
+  @parameterized.named_parameters(*((n, n) for n in CASES))
+  def test_float32(self, name):
+    self.check_case(CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*((n, n) for n in LOW_PRECISION_CASES))
+  def test_bfloat16(self, name):
+    self.check_case(CASES[name], jnp.bfloat16)
+
+  def test_float16(self):
+    self.check_case(CASES["window_causal"], jnp.float16)
+
+  @pytest.mark.slow
+  @parameterized.named_parameters(*((n, n) for n in SLOW_CASES))
+  def test_long(self, name):
+    self.check_case(SLOW_CASES[name], jnp.float32)
+    self.check_case(SLOW_CASES[name], jnp.bfloat16)
+
+  def test_default_block_sizes(self):
+    case = dict(B=1, T=150, S=130, N=4, K=2, H=64, options=dict(is_causal=True))
+    q, k, v, opts = make_inputs(case, jnp.float32)
+    got = flash_gpu.flash_attention(q, k, v, interpret=self.INTERPRET, **opts)
+    assert_close(got, flash_gpu.flash_attention_reference(q, k, v, **opts))
+
+  def test_vmap_and_jit(self):
+    q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
+    f = jax.jit(lambda q, k, v: flash_gpu.flash_attention(q, k, v, is_causal=True, block_sizes=self.BLOCKS,
+                                                          interpret=self.INTERPRET))
+    batched = jax.vmap(f)(jnp.stack([q, 2 * q]), jnp.stack([k, k]), jnp.stack([v, -v]))
+    assert_close(batched[1], aj.reference_attention(2 * q, k, -v, is_causal=True))
+
+
+class FlashCompiledTest(FlashInterpretTest):
+  INTERPRET = False
+
+
+class FlashApiTest(parameterized.TestCase):
+
+  def test_dispatch(self):
+    q, k, v, opts = make_inputs(CASES["window"], jnp.float32)
+    got = aj.dot_product_attention(q, k, v, implementation="pallas", **opts)
+    assert_close(got, aj.reference_attention(q, k, v, **opts))
+
+  def test_errors(self):
+    q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
+    with self.assertRaisesRegex(ValueError, "no dense bias/mask"):
+      aj.dot_product_attention(q, k, v, mask=jnp.ones((1, 1, 17, 17), bool), implementation="pallas")
+    with self.assertRaisesRegex(ValueError, "power of two"):
+      flash_gpu.BlockSizes(block_q=48)
+    with self.assertRaisesRegex(ValueError, r"query.shape=\(1, 17, 2, 32\)"):
+      flash_gpu.flash_attention(q, k[:, :, :, :16], v)
+
+  def test_block_size_table(self):
+    for h in (16, 32, 64, 96, 128, 256):
+      for dtype in (jnp.bfloat16, jnp.float32):
+        b = flash_gpu.BlockSizes.get_default(h, dtype)
+        self.assertIsInstance(b, flash_gpu.BlockSizes)
+    self.assertEqual(flash_gpu.BlockSizes.get_default(128, jnp.bfloat16).block_k, 64)
