@@ -99,16 +99,24 @@ def _heads5(x: jax.Array, K: int, G: int) -> jax.Array:
   return x.reshape(x.shape[0], K, G, *x.shape[2:])
 
 
+def _mm(cfg: _Config, spec: str, a, b):
+  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=cfg.mm_precision)
+
+
 def _tile_logits(cfg: _Config, q_i, k_j, bias, q0, k0):
-  """``[B, K, G, cq, ck]`` float32 logits of one tile (scaled, soft-capped, biased) and the pre-cap tanh."""
-  s = jnp.einsum("bqkgh,bskh->bkgqs", q_i, k_j, preferred_element_type=jnp.float32, precision=cfg.mm_precision)
+  """``[B, K, G, cq, ck]`` float32 logits of one tile (scaled, soft-capped, biased) and the pre-cap tanh.
+
+  ``q_i [B, K, G, cq, H]``, ``k_j [B, K, ck, H]``: head-major tiles, so the matmul is a plain batched
+  ``[G*cq, H] x [H, ck]`` (about twice as fast on CPU as contracting the [B, T, N, H] layout directly).
+  """
+  B, K, G, cq, H = q_i.shape
+  s = _mm(cfg, "bkmh,bksh->bkms", q_i.reshape(B, K, G * cq, H), k_j).reshape(B, K, G, cq, -1)
   s = s * cfg.scale
   tanh = None
   if cfg.soft_cap is not None:
     tanh = jnp.tanh(s / cfg.soft_cap)
     s = cfg.soft_cap * tanh
   if bias is not None:
-    K, G = q_i.shape[2:4]
     s = s + _heads5(_tile(bias, q0, cfg.cq, k0, cfg.ck), K, G).astype(jnp.float32)
   return s, tanh
 
@@ -142,24 +150,32 @@ def _limits(cfg: _Config, aux: _Aux):
   return kv_max, q_max
 
 
+def _head_major(q, k, v):
+  """[B, Tp, N, H] -> [B, K, G, Tp, H]; [B, Sp, K, H] -> [B, K, Sp, H]."""
+  B, Tp, N, H = q.shape
+  K = k.shape[2]
+  q_h = jnp.transpose(q.reshape(B, Tp, K, N // K, H), (0, 2, 3, 1, 4))
+  return q_h, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
+
+
 def _forward(cfg: _Config, q, k, v, bias, aux: _Aux):
   B, Tp, N, H = q.shape
   K = k.shape[2]
   G = N // K
-  q5 = q.reshape(B, Tp, K, G, H)
+  q_h, k_h, v_h = _head_major(q, k, v)
   kv_max, q_max = _limits(cfg, aux)
 
   def query_chunk(i):
     q0 = i * cfg.cq
-    q_i = lax.dynamic_slice_in_dim(q5, q0, cfg.cq, axis=1)
+    q_i = lax.dynamic_slice_in_dim(q_h, q0, cfg.cq, axis=3)
     lo, hi = _tiling.kv_block_range(q0, cfg.cq, cfg.ck, kv_len=kv_max, is_causal=cfg.is_causal,
                                     window=cfg.window, q_limit=q_max)
 
     def body(j, carry):
       acc, m, l = carry
       k0 = j * cfg.ck
-      k_j = lax.dynamic_slice_in_dim(k, k0, cfg.ck, axis=1)
-      v_j = lax.dynamic_slice_in_dim(v, k0, cfg.ck, axis=1)
+      k_j = lax.dynamic_slice_in_dim(k_h, k0, cfg.ck, axis=2)
+      v_j = lax.dynamic_slice_in_dim(v_h, k0, cfg.ck, axis=2)
       s, _ = _tile_logits(cfg, q_i, k_j, bias, q0, k0)
       mask = _tile_mask(cfg, aux, q0, k0, K, G)
       if mask is not None:
@@ -169,9 +185,8 @@ def _forward(cfg: _Config, q, k, v, bias, aux: _Aux):
       p = jnp.exp(s - m_safe[..., None])
       correction = jnp.exp(m - m_safe)
       l = correction * l + p.sum(axis=-1)
-      pv = jnp.einsum("bkgqs,bskh->bkgqh", p.astype(v.dtype), v_j, preferred_element_type=jnp.float32,
-                      precision=cfg.mm_precision)
-      return correction[..., None] * acc + pv, m_new, l
+      pv = _mm(cfg, "bkms,bksh->bkmh", p.astype(v.dtype).reshape(B, K, G * cfg.cq, cfg.ck), v_j)
+      return correction[..., None] * acc + pv.reshape(acc.shape), m_new, l
 
     init = (jnp.zeros((B, K, G, cfg.cq, H), jnp.float32), jnp.full((B, K, G, cfg.cq), -jnp.inf, jnp.float32),
             jnp.zeros((B, K, G, cfg.cq), jnp.float32))
@@ -179,10 +194,10 @@ def _forward(cfg: _Config, q, k, v, bias, aux: _Aux):
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q.dtype), lse
+    return out.astype(q.dtype), lse
 
-  out, lse = lax.map(query_chunk, jnp.arange(Tp // cfg.cq))   # [nq, B, cq, K, G, H], [nq, B, K, G, cq]
-  out = jnp.moveaxis(out, 0, 1).reshape(B, Tp, N, H)
+  out, lse = lax.map(query_chunk, jnp.arange(Tp // cfg.cq))   # [nq, B, K, G, cq, H], [nq, B, K, G, cq]
+  out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(B, Tp, N, H)
   lse = jnp.moveaxis(lse, 0, 3).reshape(B, N, Tp)
   return out, lse
 
@@ -209,27 +224,29 @@ def _attention_bwd(cfg, res, cts):
   B, Tp, N, H = q.shape
   Sp, K = k.shape[1:3]
   G = N // K
-  q5, do5 = q.reshape(B, Tp, K, G, H), d_out.reshape(B, Tp, K, G, H)
+  q_h, k_h, v_h = _head_major(q, k, v)
+  do_h = _head_major(d_out, k, v)[0]
   # delta_i = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta = (delta - d_lse.astype(jnp.float32)).reshape(B, K, G, Tp)
   lse_b = jnp.where(jnp.isfinite(lse), lse, jnp.inf).reshape(B, K, G, Tp)   # rows with no key: P = 0
   kv_max, q_max = _limits(cfg, aux)
   q_lim = cfg.T if q_max is None else jnp.minimum(q_max, cfg.T)
+  M = G * cfg.cq
 
   def key_chunk(j, carry):
     dq, dk_all, dv_all, dbias = carry
     k0 = j * cfg.ck
-    k_j = lax.dynamic_slice_in_dim(k, k0, cfg.ck, axis=1)
-    v_j = lax.dynamic_slice_in_dim(v, k0, cfg.ck, axis=1)
+    k_j = lax.dynamic_slice_in_dim(k_h, k0, cfg.ck, axis=2)
+    v_j = lax.dynamic_slice_in_dim(v_h, k0, cfg.ck, axis=2)
     lo, hi = _tiling.q_block_range(k0, cfg.ck, cfg.cq, q_len=q_lim, is_causal=cfg.is_causal, window=cfg.window,
                                    kv_limit=kv_max)
 
     def body(i, c):
       dk, dv, dq, dbias = c
       q0 = i * cfg.cq
-      q_i = lax.dynamic_slice_in_dim(q5, q0, cfg.cq, axis=1)
-      do_i = lax.dynamic_slice_in_dim(do5, q0, cfg.cq, axis=1)
+      q_i = lax.dynamic_slice_in_dim(q_h, q0, cfg.cq, axis=3)
+      do_i = lax.dynamic_slice_in_dim(do_h, q0, cfg.cq, axis=3).reshape(B, K, M, H)
       lse_i = lax.dynamic_slice_in_dim(lse_b, q0, cfg.cq, axis=3)
       delta_i = lax.dynamic_slice_in_dim(delta, q0, cfg.cq, axis=3)
       s, tanh = _tile_logits(cfg, q_i, k_j, bias, q0, k0)
@@ -237,10 +254,8 @@ def _attention_bwd(cfg, res, cts):
       if mask is not None:
         s = jnp.where(mask, s, -jnp.inf)
       p = jnp.exp(s - lse_i[..., None])
-      dv = dv + jnp.einsum("bkgqs,bqkgh->bskh", p.astype(q.dtype), do_i, preferred_element_type=jnp.float32,
-                           precision=cfg.mm_precision)
-      dp = jnp.einsum("bqkgh,bskh->bkgqs", do_i, v_j, preferred_element_type=jnp.float32,
-                      precision=cfg.mm_precision)
+      dv = dv + _mm(cfg, "bkms,bkmh->bksh", p.astype(q.dtype).reshape(B, K, M, cfg.ck), do_i)
+      dp = _mm(cfg, "bkmh,bksh->bkms", do_i, v_j).reshape(p.shape)
       ds = p * (dp - delta_i[..., None])          # d loss / d (final logits)
       if dbias is not None:
         db = _reduce_to(ds.reshape(B, N, cfg.cq, cfg.ck), (dbias.shape[0], dbias.shape[1],
@@ -250,25 +265,24 @@ def _attention_bwd(cfg, res, cts):
         dbias = lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, starts, db.shape) + db, starts)
       if tanh is not None:
         ds = ds * (1.0 - tanh * tanh)
-      ds = (ds * cfg.scale).astype(q.dtype)
-      dk = dk + jnp.einsum("bkgqs,bqkgh->bskh", ds, q_i, preferred_element_type=jnp.float32,
-                           precision=cfg.mm_precision)
-      dq_i = jnp.einsum("bkgqs,bskh->bqkgh", ds, k_j, preferred_element_type=jnp.float32,
-                        precision=cfg.mm_precision)
-      dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, q0, cfg.cq, axis=1) + dq_i, q0, axis=1)
+      ds = (ds * cfg.scale).astype(q.dtype).reshape(B, K, M, cfg.ck)
+      dk = dk + _mm(cfg, "bkms,bkmh->bksh", ds, q_i.reshape(B, K, M, H))
+      dq_i = _mm(cfg, "bkms,bksh->bkmh", ds, k_j).reshape(B, K, G, cfg.cq, H)
+      dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, q0, cfg.cq, axis=3) + dq_i, q0, axis=3)
       return dk, dv, dq, dbias
 
-    zeros = jnp.zeros((B, cfg.ck, K, H), jnp.float32)
+    zeros = jnp.zeros((B, K, cfg.ck, H), jnp.float32)
     dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, (zeros, zeros, dq, dbias))
-    dk_all = lax.dynamic_update_slice_in_dim(dk_all, dk.astype(k.dtype), k0, axis=1)
-    dv_all = lax.dynamic_update_slice_in_dim(dv_all, dv.astype(v.dtype), k0, axis=1)
+    dk_all = lax.dynamic_update_slice_in_dim(dk_all, dk.astype(k.dtype), k0, axis=2)
+    dv_all = lax.dynamic_update_slice_in_dim(dv_all, dv.astype(v.dtype), k0, axis=2)
     return dq, dk_all, dv_all, dbias
 
-  init = (jnp.zeros((B, Tp, K, G, H), jnp.float32), jnp.zeros_like(k), jnp.zeros_like(v),
+  init = (jnp.zeros((B, K, G, Tp, H), jnp.float32), jnp.zeros_like(k_h), jnp.zeros_like(v_h),
           None if bias is None else jnp.zeros(bias.shape, jnp.float32))
   dq, dk, dv, dbias = lax.fori_loop(0, Sp // cfg.ck, key_chunk, init)
   dbias = None if bias is None else dbias.astype(bias.dtype)
-  return dq.reshape(B, Tp, N, H).astype(q.dtype), dk, dv, dbias, None
+  dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(B, Tp, N, H).astype(q.dtype)
+  return dq, jnp.transpose(dk, (0, 2, 1, 3)), jnp.transpose(dv, (0, 2, 1, 3)), dbias, None
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)

@@ -1,0 +1,176 @@
+"""Attention kernel benchmark: forward and forward+backward TFLOP/s and memory, several implementations, one run.
+
+FLOPs are counted as 4*B*N*T*S*H for the forward (half when causal) and 3.5x that for forward+backward
+(../shared/GPU.md). Times are medians of ``--repeats`` runs after a compile/warm-up run, with
+``block_until_ready``. Memory is XLA's own accounting of the compiled function (arguments + outputs + temporaries,
+``Compiled.memory_analysis()``), which is per function and does not depend on what ran before.
+
+  python -m experiments.bench_kernels --out=/tmp/bench.json                       # GPU defaults
+  python -m experiments.bench_kernels --implementations=pallas --sweep --seq_lens=16384   # block-size sweep
+  python -m experiments.bench_kernels --implementations=pallas_tpu                 # on a TPU
+  python -m experiments.bench_kernels --summarize=/tmp/bench.json                  # table from a JSON file
+
+Implementations: ours ("pallas", "pallas_tpu", "blockwise", "reference"), jax.nn ("xla", "cudnn"), and jax's
+bundled Triton Pallas kernel where importable ("jax_pallas" with its default blocks, "jax_pallas_tuned" with the
+blocks GPU.md lists). One that cannot run here is recorded with the reason and the run goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+import warnings
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("implementations", ["pallas", "cudnn", "xla", "jax_pallas", "jax_pallas_tuned"],
+                  "What to benchmark.")
+flags.DEFINE_list("seq_lens", ["4096", "16384"], "T (= S).")
+flags.DEFINE_list("causal", ["false", "true"], "Causal settings to run.")
+flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
+flags.DEFINE_integer("batch", 2, "B")
+flags.DEFINE_integer("heads", 16, "N (= K)")
+flags.DEFINE_integer("head_dim", 128, "H")
+flags.DEFINE_string("dtype", "bfloat16", "Input dtype.")
+flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
+flags.DEFINE_string("block_sizes", "", "Override ours: 'bq,bk,bq_dkv,bk_dkv,bq_dq,bk_dq[,wf,sf,wb,sb]'.")
+flags.DEFINE_bool("sweep", False, "Benchmark 'pallas' over SWEEP_BLOCKS instead of its default blocks.")
+flags.DEFINE_float("budget_s", 0, "Stop starting new measurements after this many seconds (0: no limit).")
+flags.DEFINE_string("out", "", "Write results as JSON here.")
+flags.DEFINE_string("summarize", "", "Print the table of an existing JSON file and exit.")
+
+# Candidate tiles for --sweep (forward tile, backward tiles, warps/stages), around the GPU.md tuned settings.
+SWEEP_BLOCKS = [
+    (128, 64, 64, 64, 64, 64, 4, 2, 4, 2),
+    (128, 128, 64, 64, 64, 64, 8, 2, 4, 2),
+    (128, 64, 64, 128, 128, 64, 4, 3, 8, 2),
+    (64, 64, 32, 64, 64, 32, 4, 3, 4, 2),
+    (128, 32, 32, 64, 64, 32, 4, 3, 4, 3),
+    (64, 128, 64, 32, 32, 64, 4, 2, 4, 2),
+]
+
+
+def flops(B, N, T, S, H, causal: bool, mode: str) -> float:
+  f = 4.0 * B * N * T * S * H * (0.5 if causal else 1.0)
+  return f * (3.5 if mode == "fwd_bwd" else 1.0)
+
+
+def _blocks(spec):
+  from attention_jax.kernels import flash_gpu
+  vals = [int(x) for x in (spec.split(",") if isinstance(spec, str) else spec)]
+  names = [f.name for f in flash_gpu.BlockSizes.__dataclass_fields__.values()]
+  return flash_gpu.BlockSizes(**dict(zip(names, vals)))
+
+
+def attention_fn(impl: str, causal: bool, blocks=None):
+  """(q, k, v) -> out for one implementation, or raises with the reason it cannot run."""
+  import jax
+  import attention_jax as aj
+  if impl == "pallas":
+    from attention_jax.kernels import flash_gpu
+    return lambda q, k, v: flash_gpu.flash_attention(q, k, v, is_causal=causal, block_sizes=blocks)
+  if impl in ("pallas_tpu", "blockwise", "reference"):
+    return lambda q, k, v: aj.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+  if impl in ("xla", "cudnn"):
+    return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
+  if impl in ("jax_pallas", "jax_pallas_tuned"):
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore")
+      from jax.experimental.pallas.ops.gpu import attention as jax_attention
+    kw = {}
+    if impl == "jax_pallas_tuned":
+      kw = dict(block_sizes=jax_attention.BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64,
+                                                     block_q_dq=64, block_kv_dq=64), num_warps=4, num_stages=2)
+    return lambda q, k, v: jax_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=causal, **kw)
+  raise ValueError(f"unknown implementation {impl!r}")
+
+
+def bench_one(impl, T, causal, mode, *, B, N, H, dtype, repeats, blocks=None, label=None) -> dict:
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  rec = dict(implementation=label or impl, T=T, causal=causal, mode=mode, B=B, N=N, H=H, dtype=dtype)
+  try:
+    fn = attention_fn(impl, causal, blocks)
+    keys = jax.random.split(jax.random.key(0), 4)
+    q, k, v, ct = (jax.random.normal(kk, (B, T, N, H), jnp.dtype(dtype)) for kk in keys)
+    if mode == "fwd":
+      f = jax.jit(fn)
+    else:
+      f = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v).astype(jnp.float32) * ct).sum(), argnums=(0, 1, 2)))
+    compiled = f.lower(q, k, v).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+      rec["memory_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                          - getattr(mem, "alias_size_in_bytes", 0)) / 2**20
+      rec["temp_mb"] = mem.temp_size_in_bytes / 2**20
+    jax.block_until_ready(compiled(q, k, v))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(q, k, v))
+      times.append(time.perf_counter() - t0)
+    rec["time_ms"] = statistics.median(times) * 1e3
+    rec["tflops"] = flops(B, N, T, T, H, causal, mode) / statistics.median(times) / 1e12
+    rec["status"] = "ok"
+  except Exception as e:  # noqa: BLE001 -- a benchmark records why an implementation cannot run
+    rec["status"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+  return rec
+
+
+def table(results: list[dict]) -> str:
+  lines = ["| implementation | T | causal | mode | TFLOP/s | time (ms) | memory (MB) | status |",
+           "|---|---:|---|---|---:|---:|---:|---|"]
+  for r in results:
+    ok = r["status"] == "ok"
+    lines.append(f"| {r['implementation']} | {r['T']} | {r['causal']} | {r['mode']} | "
+                 f"{r['tflops']:.1f} | {r['time_ms']:.2f} | {r.get('memory_mb', float('nan')):.0f} | ok |" if ok else
+                 f"| {r['implementation']} | {r['T']} | {r['causal']} | {r['mode']} | – | – | – | {r['status']} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  if FLAGS.summarize:
+    with open(FLAGS.summarize) as f:
+      data = json.load(f)
+    print(json.dumps(data["meta"]))
+    print(table(data["results"]))
+    return
+  import jax
+  t_start = time.time()
+  runs = []   # (impl, label, blocks)
+  for impl in FLAGS.implementations:
+    if impl == "pallas" and FLAGS.sweep:
+      runs += [("pallas", "pallas[" + ",".join(map(str, b)) + "]", _blocks(b)) for b in SWEEP_BLOCKS]
+    elif impl == "pallas" and FLAGS.block_sizes:
+      runs.append(("pallas", f"pallas[{FLAGS.block_sizes}]", _blocks(FLAGS.block_sizes)))
+    else:
+      runs.append((impl, impl, None))
+  results = []
+  for T in (int(t) for t in FLAGS.seq_lens):
+    for causal in (c.lower() == "true" for c in FLAGS.causal):
+      for mode in FLAGS.modes:
+        for impl, label, blocks in runs:
+          if FLAGS.budget_s and time.time() - t_start > FLAGS.budget_s:
+            results.append(dict(implementation=label, T=T, causal=causal, mode=mode, status="skipped: budget"))
+            continue
+          r = bench_one(impl, T, causal, mode, B=FLAGS.batch, N=FLAGS.heads, H=FLAGS.head_dim, dtype=FLAGS.dtype,
+                        repeats=FLAGS.repeats, blocks=blocks, label=label)
+          print(f"{label:28s} T={T:6d} causal={causal!s:5s} {mode:8s} " +
+                (f"{r['tflops']:7.1f} TFLOP/s {r['time_ms']:9.2f} ms" if r["status"] == "ok" else r["status"]),
+                flush=True)
+          results.append(r)
+  meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), jax=jax.__version__, device=str(jax.devices()[0]),
+              device_kind=jax.devices()[0].device_kind, backend=jax.default_backend())
+  print(json.dumps(meta))
+  print(table(results))
+  if FLAGS.out:
+    with open(FLAGS.out, "w") as f:
+      json.dump(dict(meta=meta, results=results), f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)

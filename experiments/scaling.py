@@ -1,0 +1,187 @@
+"""Time and peak memory of attention variants against sequence length (forward, and forward + backward).
+
+Every (variant, length, mode) runs in a fresh subprocess, so its peak resident memory (``ru_maxrss``, what
+``/usr/bin/time -v`` reports as "Maximum resident set size") is its own. The child also reports the RSS it had
+before running attention (jax runtime + inputs), so the table shows the attention's own share too.
+Times are the median of ``--repeats`` runs after a compile-and-warm-up run, with ``block_until_ready``.
+
+  python -m experiments.scaling --variants=xla,blockwise --seq_lens=4096,16384 --modes=fwd_bwd \
+      --out=docs/scaling_cpu.json
+
+Writes the JSON list, a markdown table next to it (.md) and a log-log plot (.png).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from typing import Callable
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("variants", ["xla", "blockwise"], "Attention variants to measure (see VARIANTS).")
+flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths T (= S).")
+flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
+flags.DEFINE_integer("batch", 1, "B")
+flags.DEFINE_integer("heads", 1, "N (= K)")
+flags.DEFINE_integer("head_dim", 64, "H")
+flags.DEFINE_string("dtype", "float32", "Input dtype.")
+flags.DEFINE_bool("causal", False, "Causal attention.")
+flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
+flags.DEFINE_float("max_dense_gb", 20.0, "Skip dense (T x S materialising) variants estimated above this.")
+flags.DEFINE_integer("timeout_s", 1800, "Per-measurement subprocess timeout.")
+flags.DEFINE_string("out", "", "JSON output path (.md table and .png plot are written beside it).")
+flags.DEFINE_string("child", "", "Internal: run one measurement given as JSON and print the result.")
+
+# Variants that materialise T x S logits (their memory is estimated before running so the machine is not
+# driven into swap / the OOM killer).
+DENSE = {"xla", "reference"}
+
+
+def _attention_fn(variant: str, causal: bool) -> Callable:
+  import attention_jax as aj
+  if variant.startswith("blockwise@"):   # blockwise@QxK: explicit chunk sizes
+    from attention_jax import blockwise
+    cq, ck = (int(x) for x in variant.split("@")[1].split("x"))
+    sizes = blockwise.ChunkSizes(cq, ck)
+    return lambda q, k, v: blockwise.blockwise_attention(q, k, v, is_causal=causal, chunk_sizes=sizes)
+  if variant in ("xla", "reference", "blockwise", "pallas", "cudnn"):
+    return lambda q, k, v: aj.dot_product_attention(q, k, v, is_causal=causal, implementation=variant)
+  raise ValueError(f"unknown variant {variant!r}")
+
+
+def dense_bytes_estimate(cfg: dict) -> float:
+  """Rough peak of a dense fwd+bwd: logits, probabilities and their gradient, float32, B*N*T*S each."""
+  n = cfg["batch"] * cfg["heads"] * cfg["seq_len"] ** 2
+  return n * 4 * (3 if cfg["mode"] == "fwd_bwd" else 2)
+
+
+def measure_in_process(cfg: dict) -> dict:
+  """One measurement in this process (used by the child)."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  B, T, N, H = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["head_dim"]
+  dtype = jnp.dtype(cfg["dtype"])
+  r = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(r.standard_normal((B, T, N, H)), dtype) for _ in range(3))
+  ct = jnp.asarray(r.standard_normal((B, T, N, H)), dtype)
+  fn = _attention_fn(cfg["variant"], cfg["causal"])
+  if cfg["mode"] == "fwd":
+    run = jax.jit(fn)
+  else:
+    run = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v).astype(jnp.float32) * ct).sum(), argnums=(0, 1, 2)))
+  jax.block_until_ready((q, k, v, ct))
+  rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+  t0 = time.perf_counter()
+  jax.block_until_ready(run(q, k, v))
+  first_s = time.perf_counter() - t0
+  times = []
+  for _ in range(cfg["repeats"]):
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(q, k, v))
+    times.append(time.perf_counter() - t0)
+  return dict(cfg, status="ok", time_s=statistics.median(times), times_s=times, compile_and_first_s=first_s,
+              peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+              rss_before_attention_mb=rss_before_mb, device=str(jax.devices()[0]), jax=jax.__version__)
+
+
+def measure(cfg: dict, timeout_s: int = 1800, max_dense_gb: float = 20.0) -> dict:
+  """Runs one measurement in a fresh subprocess; failures and skips come back as a status."""
+  if cfg["variant"] in DENSE and dense_bytes_estimate(cfg) > max_dense_gb * 2**30:
+    return dict(cfg, status=f"skipped: dense logits need ~{dense_bytes_estimate(cfg) / 2**30:.0f} GB "
+                            f"(> --max_dense_gb={max_dense_gb:g})")
+  cmd = [sys.executable, "-m", "experiments.scaling", f"--child={json.dumps(cfg)}"]
+  try:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  except subprocess.TimeoutExpired:
+    return dict(cfg, status=f"timeout after {timeout_s}s")
+  lines = [l for l in proc.stdout.splitlines() if l.startswith("{")]
+  if proc.returncode != 0 or not lines:
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-1:] or [""]
+    return dict(cfg, status=f"failed (exit {proc.returncode}): {tail[0][:200]}")
+  return json.loads(lines[-1])
+
+
+def markdown_table(results: list[dict]) -> str:
+  rows = ["| variant | mode | T | time (s) | peak RSS (MB) | RSS before attention (MB) | status |",
+          "|---|---|---:|---:|---:|---:|---|"]
+  for r in results:
+    ok = r["status"] == "ok"
+    rows.append(f"| {r['variant']} | {r['mode']} | {r['seq_len']} | {r['time_s']:.3f} | {r['peak_rss_mb']:.0f} | "
+                f"{r['rss_before_attention_mb']:.0f} | ok |" if ok else
+                f"| {r['variant']} | {r['mode']} | {r['seq_len']} | – | – | – | {r['status']} |")
+  return "\n".join(rows)
+
+
+def plot(results: list[dict], path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+  keys = sorted({(r["variant"], r["mode"]) for r in results})
+  for variant, mode in keys:
+    pts = [r for r in results if (r["variant"], r["mode"]) == (variant, mode) and r["status"] == "ok"]
+    if not pts:
+      continue
+    T = [r["seq_len"] for r in pts]
+    axes[0].loglog(T, [r["time_s"] for r in pts], "o-", label=f"{variant} {mode}")
+    axes[1].loglog(T, [r["peak_rss_mb"] for r in pts], "o-", label=f"{variant} {mode}")
+  axes[0].set(xlabel="sequence length T", ylabel="time (s)", title="time")
+  axes[1].set(xlabel="sequence length T", ylabel="peak RSS (MB)", title="peak memory (whole process)")
+  for ax in axes:
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def run_all(variants, seq_lens, modes, *, batch=1, heads=1, head_dim=64, dtype="float32", causal=False,
+            repeats=3, timeout_s=1800, max_dense_gb=20.0, log=print) -> list[dict]:
+  results = []
+  for mode in modes:
+    for T in seq_lens:
+      for variant in variants:
+        cfg = dict(variant=variant, mode=mode, seq_len=int(T), batch=batch, heads=heads, head_dim=head_dim,
+                   dtype=dtype, causal=causal, repeats=repeats)
+        res = measure(cfg, timeout_s, max_dense_gb)
+        log(f"{variant:10s} {mode:8s} T={T:>6}: " + (f"{res['time_s']:.3f}s peak {res['peak_rss_mb']:.0f} MB"
+                                                     if res["status"] == "ok" else res["status"]))
+        results.append(res)
+  return results
+
+
+def main(argv):
+  del argv
+  if FLAGS.child:
+    print(json.dumps(measure_in_process(json.loads(FLAGS.child))), flush=True)
+    return
+  import platform
+  results = run_all(FLAGS.variants, [int(t) for t in FLAGS.seq_lens], FLAGS.modes, batch=FLAGS.batch,
+                    heads=FLAGS.heads, head_dim=FLAGS.head_dim, dtype=FLAGS.dtype, causal=FLAGS.causal,
+                    repeats=FLAGS.repeats, timeout_s=FLAGS.timeout_s, max_dense_gb=FLAGS.max_dense_gb)
+  table = markdown_table(results)
+  print(table)
+  if FLAGS.out:
+    import jax
+    meta = dict(argv=sys.argv, date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.platform(),
+                processor=platform.processor(), cpu_count=os.cpu_count(), python=platform.python_version(),
+                jax=jax.__version__)
+    with open(FLAGS.out, "w") as f:
+      json.dump(dict(meta=meta, results=results), f, indent=1)
+    base = os.path.splitext(FLAGS.out)[0]
+    with open(base + ".md", "w") as f:
+      f.write(table + "\n")
+    plot(results, base + ".png")
+
+
+if __name__ == "__main__":
+  app.run(main)
