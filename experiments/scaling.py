@@ -29,6 +29,7 @@ flags.DEFINE_list("variants", ["xla", "blockwise"], "Attention variants to measu
 flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths T (= S).")
 flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
 flags.DEFINE_integer("batch", 1, "B")
+flags.DEFINE_list("devices", ["1"], "Virtual CPU device counts to run each measurement with (ring attention).")
 flags.DEFINE_integer("heads", 1, "N (= K)")
 flags.DEFINE_integer("head_dim", 64, "H")
 flags.DEFINE_string("dtype", "float32", "Input dtype.")
@@ -39,21 +40,15 @@ flags.DEFINE_integer("timeout_s", 1800, "Per-measurement subprocess timeout.")
 flags.DEFINE_string("out", "", "JSON output path (.md table and .png plot are written beside it).")
 flags.DEFINE_string("child", "", "Internal: run one measurement given as JSON and print the result.")
 
-# Variants that materialise T x S logits (their memory is estimated before running so the machine is not
-# driven into swap / the OOM killer).
-DENSE = {"xla", "reference"}
-
-
 def _attention_fn(variant: str, causal: bool) -> Callable:
-  import attention_jax as aj
-  if variant.startswith("blockwise@"):   # blockwise@QxK: explicit chunk sizes
-    from attention_jax import blockwise
-    cq, ck = (int(x) for x in variant.split("@")[1].split("x"))
-    sizes = blockwise.ChunkSizes(cq, ck)
-    return lambda q, k, v: blockwise.blockwise_attention(q, k, v, is_causal=causal, chunk_sizes=sizes)
-  if variant in ("xla", "reference", "blockwise", "pallas", "cudnn"):
-    return lambda q, k, v: aj.dot_product_attention(q, k, v, is_causal=causal, implementation=variant)
-  raise ValueError(f"unknown variant {variant!r}")
+  from experiments import variants
+  fn = variants.make_attention(variant)
+  return lambda q, k, v: fn(q, k, v, is_causal=causal)
+
+
+def _is_dense(variant: str) -> bool:
+  from experiments import variants
+  return variants.parse(variant)[0] in variants.DENSE_KINDS
 
 
 def dense_bytes_estimate(cfg: dict) -> float:
@@ -64,6 +59,9 @@ def dense_bytes_estimate(cfg: dict) -> float:
 
 def measure_in_process(cfg: dict) -> dict:
   """One measurement in this process (used by the child)."""
+  if cfg.get("devices", 1) > 1:   # virtual CPU devices must be requested before jax initialises
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               f" --xla_force_host_platform_device_count={cfg['devices']}")
   import jax
   import jax.numpy as jnp
   import numpy as np
@@ -78,6 +76,12 @@ def measure_in_process(cfg: dict) -> dict:
   else:
     run = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v).astype(jnp.float32) * ct).sum(), argnums=(0, 1, 2)))
   jax.block_until_ready((q, k, v, ct))
+  compiled_mb = None
+  try:
+    mem = run.lower(q, k, v).compile().memory_analysis()
+    compiled_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**20
+  except Exception:  # noqa: BLE001 -- not every backend reports it
+    pass
   rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   t0 = time.perf_counter()
   jax.block_until_ready(run(q, k, v))
@@ -89,12 +93,13 @@ def measure_in_process(cfg: dict) -> dict:
     times.append(time.perf_counter() - t0)
   return dict(cfg, status="ok", time_s=statistics.median(times), times_s=times, compile_and_first_s=first_s,
               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-              rss_before_attention_mb=rss_before_mb, device=str(jax.devices()[0]), jax=jax.__version__)
+              rss_before_attention_mb=rss_before_mb, compiled_memory_mb=compiled_mb,
+              device=str(jax.devices()[0]), num_devices=len(jax.devices()), jax=jax.__version__)
 
 
 def measure(cfg: dict, timeout_s: int = 1800, max_dense_gb: float = 20.0) -> dict:
   """Runs one measurement in a fresh subprocess; failures and skips come back as a status."""
-  if cfg["variant"] in DENSE and dense_bytes_estimate(cfg) > max_dense_gb * 2**30:
+  if _is_dense(cfg["variant"]) and dense_bytes_estimate(cfg) > max_dense_gb * 2**30:
     return dict(cfg, status=f"skipped: dense logits need ~{dense_bytes_estimate(cfg) / 2**30:.0f} GB "
                             f"(> --max_dense_gb={max_dense_gb:g})")
   cmd = [sys.executable, "-m", "experiments.scaling", f"--child={json.dumps(cfg)}"]
@@ -111,13 +116,17 @@ def measure(cfg: dict, timeout_s: int = 1800, max_dense_gb: float = 20.0) -> dic
 
 
 def markdown_table(results: list[dict]) -> str:
-  rows = ["| variant | mode | T | time (s) | peak RSS (MB) | RSS before attention (MB) | status |",
-          "|---|---|---:|---:|---:|---:|---|"]
+  rows = ["| variant | mode | T | devices | time (s) | peak RSS (MB) | RSS before attention (MB) | "
+          "XLA compiled memory (MB) | status |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---|"]
   for r in results:
     ok = r["status"] == "ok"
-    rows.append(f"| {r['variant']} | {r['mode']} | {r['seq_len']} | {r['time_s']:.3f} | {r['peak_rss_mb']:.0f} | "
-                f"{r['rss_before_attention_mb']:.0f} | ok |" if ok else
-                f"| {r['variant']} | {r['mode']} | {r['seq_len']} | – | – | – | {r['status']} |")
+    dev = r.get("devices", 1)
+    cm = r.get("compiled_memory_mb")
+    cm = "–" if cm is None else f"{cm:.1f}"
+    rows.append(f"| {r['variant']} | {r['mode']} | {r['seq_len']} | {dev} | {r['time_s']:.3f} | "
+                f"{r['peak_rss_mb']:.0f} | {r['rss_before_attention_mb']:.0f} | {cm} | ok |" if ok else
+                f"| {r['variant']} | {r['mode']} | {r['seq_len']} | {dev} | – | – | – | – | {r['status']} |")
   return "\n".join(rows)
 
 
@@ -145,17 +154,18 @@ def plot(results: list[dict], path: str) -> None:
 
 
 def run_all(variants, seq_lens, modes, *, batch=1, heads=1, head_dim=64, dtype="float32", causal=False,
-            repeats=3, timeout_s=1800, max_dense_gb=20.0, log=print) -> list[dict]:
+            repeats=3, timeout_s=1800, max_dense_gb=20.0, devices=(1,), log=print) -> list[dict]:
   results = []
   for mode in modes:
     for T in seq_lens:
       for variant in variants:
-        cfg = dict(variant=variant, mode=mode, seq_len=int(T), batch=batch, heads=heads, head_dim=head_dim,
-                   dtype=dtype, causal=causal, repeats=repeats)
-        res = measure(cfg, timeout_s, max_dense_gb)
-        log(f"{variant:10s} {mode:8s} T={T:>6}: " + (f"{res['time_s']:.3f}s peak {res['peak_rss_mb']:.0f} MB"
-                                                     if res["status"] == "ok" else res["status"]))
-        results.append(res)
+        for n_dev in devices:
+          cfg = dict(variant=variant, mode=mode, seq_len=int(T), batch=batch, heads=heads, head_dim=head_dim,
+                     dtype=dtype, causal=causal, repeats=repeats, devices=int(n_dev))
+          res = measure(cfg, timeout_s, max_dense_gb)
+          log(f"{variant:10s} {mode:8s} T={T:>6} dev={n_dev}: " +
+              (f"{res['time_s']:.3f}s peak {res['peak_rss_mb']:.0f} MB" if res["status"] == "ok" else res["status"]))
+          results.append(res)
   return results
 
 
@@ -167,7 +177,8 @@ def main(argv):
   import platform
   results = run_all(FLAGS.variants, [int(t) for t in FLAGS.seq_lens], FLAGS.modes, batch=FLAGS.batch,
                     heads=FLAGS.heads, head_dim=FLAGS.head_dim, dtype=FLAGS.dtype, causal=FLAGS.causal,
-                    repeats=FLAGS.repeats, timeout_s=FLAGS.timeout_s, max_dense_gb=FLAGS.max_dense_gb)
+                    repeats=FLAGS.repeats, timeout_s=FLAGS.timeout_s, max_dense_gb=FLAGS.max_dense_gb,
+                    devices=[int(d) for d in FLAGS.devices])
   table = markdown_table(results)
   print(table)
   if FLAGS.out:

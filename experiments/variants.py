@@ -1,0 +1,112 @@
+"""Attention variants by name, for experiments (scaling.py, models.py, compare.py).
+
+A spec is ``"name"`` or ``"name:arg"``; :func:`make_attention` returns ``fn(q, k, v, is_causal) -> out`` on
+``[B, T, N, H]`` / ``[B, S, K, H]`` arrays. :func:`available` lists the names whose modules import here, so
+scripts run whatever has landed.
+
+  softmax / reference     attention_jax reference (dense, float32 softmax)
+  xla, cudnn              jax.nn.dot_product_attention
+  blockwise[@QxK]         pure-JAX memory-efficient path (optional chunk sizes)
+  pallas                  Pallas flash kernel (GPU; interpret mode on CPU)
+  xla_local:W             dense XLA with a local window mask of W each side (what sparse local is compared to)
+  linear_elu, linear_relu linear attention with elu+1 / relu feature maps  (attention_jax.linear)
+  favor[:M]               Performer FAVOR+ with M random features (default 256)
+  local:W, strided:S, fixed:L, bigbird:W  block-sparse patterns             (attention_jax.sparse)
+  ring                    ring attention over all local devices            (attention_jax.ring)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import jax
+
+import attention_jax as aj
+
+AttentionFn = Callable[..., jax.Array]   # fn(q, k, v, is_causal) -> out
+
+# name -> module that must import for the variant to be available
+_NEEDS = {
+    "linear_elu": "attention_jax.linear", "linear_relu": "attention_jax.linear", "favor": "attention_jax.linear",
+    "local": "attention_jax.sparse", "strided": "attention_jax.sparse", "fixed": "attention_jax.sparse",
+    "bigbird": "attention_jax.sparse", "ring": "attention_jax.ring",
+}
+DENSE_KINDS = ("softmax", "reference", "xla", "xla_local", "cudnn")
+ALL = ("softmax", "blockwise", "pallas", "linear_elu", "linear_relu", "favor", "local", "strided", "fixed",
+       "bigbird")
+
+
+def parse(spec: str) -> tuple[str, str | None]:
+  name, _, arg = spec.partition(":")
+  if "@" in name:
+    name, _, arg = name.partition("@")
+  return name, (arg or None)
+
+
+def is_available(spec: str) -> bool:
+  name, _ = parse(spec)
+  module = _NEEDS.get(name)
+  if module is None:
+    return True
+  try:
+    importlib.import_module(module)
+    return True
+  except ImportError:
+    return False
+
+
+def available(specs=ALL) -> list[str]:
+  return [s for s in specs if is_available(s)]
+
+
+def make_attention(spec: str, *, seed: int = 0, block_size: int | None = None) -> AttentionFn:
+  """``fn(q, k, v, is_causal=False)`` for a variant spec (see the module docstring)."""
+  name, arg = parse(spec)
+  if name in ("softmax", "reference", "xla", "cudnn", "blockwise", "pallas"):
+    impl = "reference" if name == "softmax" else name
+    if name == "blockwise" and arg:
+      from attention_jax import blockwise
+      cq, ck = (int(x) for x in arg.split("x"))
+      sizes = blockwise.ChunkSizes(cq, ck)
+      return lambda q, k, v, is_causal=False: blockwise.blockwise_attention(q, k, v, is_causal=is_causal,
+                                                                            chunk_sizes=sizes)
+    return lambda q, k, v, is_causal=False: aj.dot_product_attention(q, k, v, is_causal=is_causal,
+                                                                      implementation=impl)
+  if name == "xla_local":
+    w = int(arg or 256)
+    return lambda q, k, v, is_causal=False: aj.dot_product_attention(
+        q, k, v, is_causal=is_causal, local_window_size=w, implementation="xla")
+  if name in ("linear_elu", "linear_relu"):
+    fmap = name.split("_")[1]
+    return lambda q, k, v, is_causal=False: aj.linear_attention(q, k, v, feature_map=fmap, is_causal=is_causal)
+  if name == "favor":
+    from attention_jax import linear
+    num_features = int(arg or 256)
+
+    def favor(q, k, v, is_causal=False):
+      fmap = linear.favor_feature_map(jax.random.key(seed), q.shape[-1], num_features=num_features, orthogonal=True)
+      return aj.linear_attention(q, k, v, feature_map=fmap, is_causal=is_causal)
+    return favor
+  if name in ("local", "strided", "fixed", "bigbird"):
+    from attention_jax import sparse
+    bs = block_size or 128
+    if name == "local":
+      pattern = sparse.LocalPattern(int(arg or 256))
+    elif name == "strided":
+      pattern = sparse.StridedPattern(int(arg or 128))
+    elif name == "fixed":
+      pattern = sparse.FixedPattern(int(arg or 128), 1)
+    else:
+      w = int(arg or 3)
+      pattern = sparse.BigBirdPattern(window_blocks=w, global_blocks=1, random_blocks=2, seed=seed)
+    return lambda q, k, v, is_causal=False: aj.sparse_attention(q, k, v, pattern, is_causal=is_causal,
+                                                                block_size=bs)
+  if name == "ring":
+    from attention_jax import ring
+
+    def ring_fn(q, k, v, is_causal=False):
+      mesh = jax.make_mesh((len(jax.devices()),), ("seq",))
+      return ring.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal)
+    return ring_fn
+  raise ValueError(f"unknown attention variant {spec!r}")
