@@ -100,8 +100,11 @@ def make_attention(spec: str, *, seed: int = 0, block_size: int | None = None) -
     else:
       w = int(arg or 3)
       pattern = sparse.BigBirdPattern(window_blocks=w, global_blocks=1, random_blocks=2, seed=seed)
-    return lambda q, k, v, is_causal=False: aj.sparse_attention(q, k, v, pattern, is_causal=is_causal,
-                                                                block_size=bs)
+    def sparse_fn(q, k, v, is_causal=False):
+      # Default block: 128, or a quarter of a short sequence (a power of two >= 16).
+      size = bs if block_size else min(bs, max(16, 1 << max(q.shape[1] // 4, 1).bit_length() - 1))
+      return aj.sparse_attention(q, k, v, pattern, is_causal=is_causal, block_size=size)
+    return sparse_fn
   if name == "ring":
     from attention_jax import ring
 
