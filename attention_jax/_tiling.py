@@ -9,11 +9,21 @@ column ``j`` is key ``j``; visibility follows DESIGN.md (causal ``j <= i``, wind
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
+
+
+def floordiv(a, b):
+  """``a // b`` for non-negative ``a`` and positive ``b``: Python ints stay ints; traced scalars use ``lax.div``
+  (truncation, equal to floor here), which every Pallas lowering supports, unlike ``jnp.floor_divide``'s
+  sign-correcting select chain."""
+  if isinstance(a, int) and isinstance(b, int):
+    return a // b
+  return lax.div(jnp.asarray(a, jnp.int32), jnp.asarray(b, jnp.int32))
 
 
 def cdiv(a, b):
-  """Ceil division for Python ints and traced int scalars alike."""
-  return (a + b - 1) // b
+  """Ceil division of a non-negative ``a`` by a positive ``b`` (Python ints or traced int scalars)."""
+  return floordiv(a + b - 1, b)
 
 
 def position_mask(rows, cols, *, is_causal=False, window=None, kv_limit=None, q_limit=None):
@@ -58,7 +68,7 @@ def kv_block_range(q_start, q_block: int, k_block: int, *, kv_len, is_causal=Fal
     hi = jnp.minimum(hi, last_row + right + 1)
   if q_limit is not None:
     hi = jnp.where(q_start < q_limit, hi, lo)
-  lo_blk = lo // k_block
+  lo_blk = floordiv(lo, k_block)
   hi_blk = jnp.maximum(cdiv(hi, k_block), lo_blk)
   return lo_blk, hi_blk
 
@@ -76,7 +86,7 @@ def q_block_range(k_start, k_block: int, q_block: int, *, q_len, is_causal=False
     hi = jnp.minimum(hi, last_col + left + 1)
   if kv_limit is not None:
     hi = jnp.where(k_start < kv_limit, hi, lo)
-  lo_blk = lo // q_block
+  lo_blk = floordiv(lo, q_block)
   hi_blk = jnp.maximum(cdiv(hi, q_block), lo_blk)
   return lo_blk, hi_blk
 
@@ -98,7 +108,7 @@ def unmasked_kv_block_range(q_start, q_block: int, k_block: int, lo_blk, hi_blk,
     first_col_ok = jnp.maximum(first_col_ok, last_row - left)
     end_col_ok = jnp.minimum(end_col_ok, q_start + right + 1)
   u_lo = jnp.clip(cdiv(first_col_ok, k_block), lo_blk, hi_blk)
-  u_hi = jnp.clip(end_col_ok // k_block, u_lo, hi_blk)
+  u_hi = jnp.clip(floordiv(end_col_ok, k_block), u_lo, hi_blk)
   return u_lo, u_hi
 
 
@@ -117,6 +127,6 @@ def unmasked_q_block_range(k_start, k_block: int, q_block: int, lo_blk, hi_blk, 
     end_row_ok = jnp.minimum(end_row_ok, k_start + left + 1)
   full_cols = k_start + k_block <= kv_len
   u_lo = jnp.clip(cdiv(first_row_ok, q_block), lo_blk, hi_blk)
-  u_hi = jnp.clip(end_row_ok // q_block, u_lo, hi_blk)
+  u_hi = jnp.clip(floordiv(end_row_ok, q_block), u_lo, hi_blk)
   u_hi = jnp.where(full_cols, u_hi, u_lo)
   return u_lo, u_hi
