@@ -45,8 +45,8 @@ class FlashInterpretTest(AttentionSuite):
   def test_float16(self):
     self.check_case(CASES["window_causal"], jnp.float16)
 
-  @pytest.mark.slow
   @parameterized.named_parameters(*((n, n) for n in SLOW_CASES))
+  @pytest.mark.slow
   def test_long(self, name):
     self.check_case(SLOW_CASES[name], jnp.float32)
     self.check_case(SLOW_CASES[name], jnp.bfloat16)

@@ -57,9 +57,10 @@ class BlockSizes:
   def get_default(cls, head_dim: int, dtype: Any = jnp.bfloat16) -> "BlockSizes":
     """Defaults from the table below, keyed by the padded head dim and the dtype's width.
 
-    Provisional: the bf16, H = 128 row follows the tuned settings of jax's Triton kernel on an H200 (forward
-    128 x 64, 4 warps, 2 stages; backward 64 x 64, 4 warps, ../shared/GPU.md); the other rows scale the tiles
-    so that a tile's shared memory stays similar. experiments/bench_kernels.py --sweep re-measures them.
+    The bf16, H = 128 row (forward 128 x 64, 4 warps, 2 stages; backward 64 x 64, 4 warps) was the best of six
+    forward configurations measured on an H200 at T = 16384 (docs/BENCHMARKS.md: 449 TFLOP/s forward, 383
+    fwd+bwd). The other rows are unmeasured: they scale the tiles so that a tile's shared memory stays similar.
+    ``python -m experiments.bench_kernels --implementations=pallas --sweep`` measures candidates.
     """
     h = max(16, pl.next_power_of_2(head_dim))
     wide = jnp.dtype(dtype).itemsize >= 4
