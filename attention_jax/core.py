@@ -325,15 +325,16 @@ def _is_concrete_number(x) -> bool:
 
 
 def _auto_implementation(inp: AttentionInputs | None) -> str:
-  """"auto": the Pallas flash kernel on GPU, the blockwise path elsewhere (both memory-efficient).
+  """"auto": the Pallas flash kernel on GPU ("pallas") and TPU ("pallas_tpu"), "blockwise" elsewhere.
 
-  Calls the kernel cannot take (dense bias/mask arrays) go to "blockwise"; traced (non-concrete) ``scale`` or
-  ``logits_soft_cap`` go to "reference". TPU gets "blockwise" until its Pallas kernel lands.
+  Calls the kernels cannot take (dense bias/mask arrays) go to "blockwise"; traced (non-concrete) ``scale`` or
+  ``logits_soft_cap`` go to "reference".
   """
   if inp is not None and not (_is_concrete_number(inp.scale) and _is_concrete_number(inp.logits_soft_cap)):
     return "reference"
-  if jax.default_backend() == "gpu" and (inp is None or (inp.bias is None and inp.mask is None)):
-    return "pallas"
+  kernel = {"gpu": "pallas", "tpu": "pallas_tpu"}.get(jax.default_backend())
+  if kernel is not None and (inp is None or (inp.bias is None and inp.mask is None)):
+    return kernel
   return "blockwise"
 
 
