@@ -9,10 +9,12 @@ scripts run whatever has landed.
   blockwise[@QxK]         pure-JAX memory-efficient path (optional chunk sizes)
   pallas                  Pallas flash kernel (GPU; interpret mode on CPU)
   xla_local:W             dense XLA with a local window mask of W each side (what sparse local is compared to)
-  linear_elu, linear_relu linear attention with elu+1 / relu feature maps  (attention_jax.linear)
-  favor[:M]               Performer FAVOR+ with M random features (default 256)
-  local:W, strided:S, fixed:L, bigbird:W  block-sparse patterns             (attention_jax.sparse)
-  ring                    ring attention over all local devices            (attention_jax.ring)
+  linear_elu[@C], linear_relu[@C]  linear attention, elu+1 / relu features (optional causal chunk C)
+  favor[:M[@C]]           Performer FAVOR+ with M random features (default 256), drawn once per head size
+  local:W, strided:S, fixed:L, bigbird:W  block-sparse patterns             (attention_jax.sparse);
+                          strided:sqrt / fixed:sqrt use l = round(sqrt(T)) per call
+  ring[:IMPL]             ring attention, sequence sharded over every device (attention_jax.ring);
+                          IMPL = per-shard compute, blockwise or pallas (default: by platform)
 """
 
 from __future__ import annotations
@@ -79,37 +81,54 @@ def make_attention(spec: str, *, seed: int = 0, block_size: int | None = None) -
         q, k, v, is_causal=is_causal, local_window_size=w, implementation="xla")
   if name in ("linear_elu", "linear_relu"):
     fmap = name.split("_")[1]
-    return lambda q, k, v, is_causal=False: aj.linear_attention(q, k, v, feature_map=fmap, is_causal=is_causal)
+    chunk = int(arg) if arg else None
+    return lambda q, k, v, is_causal=False: aj.linear_attention(q, k, v, feature_map=fmap, is_causal=is_causal,
+                                                                chunk_size=chunk)
   if name == "favor":
     from attention_jax import linear
-    num_features = int(arg or 256)
+    features, _, chunk = (arg or "").partition("@")
+    num_features, chunk = int(features or 256), int(chunk) if chunk else None
+    maps = {}   # head_dim -> feature map, drawn once (concretely, also when first called under jit)
 
     def favor(q, k, v, is_causal=False):
-      fmap = linear.favor_feature_map(jax.random.key(seed), q.shape[-1], num_features=num_features, orthogonal=True)
-      return aj.linear_attention(q, k, v, feature_map=fmap, is_causal=is_causal)
+      H = q.shape[-1]
+      if H not in maps:
+        with jax.ensure_compile_time_eval():
+          maps[H] = linear.favor_feature_map(jax.random.key(seed), H, num_features=num_features, orthogonal=True)
+      return aj.linear_attention(q, k, v, feature_map=maps[H], is_causal=is_causal, chunk_size=chunk)
     return favor
   if name in ("local", "strided", "fixed", "bigbird"):
     from attention_jax import sparse
     bs = block_size or 128
     if name == "local":
       pattern = sparse.LocalPattern(int(arg or 256))
+    elif name in ("strided", "fixed") and arg == "sqrt":
+      pattern = None   # stride / block round(sqrt(T)), chosen per call (the Sparse Transformer's l ~ sqrt(n))
     elif name == "strided":
       pattern = sparse.StridedPattern(int(arg or 128))
     elif name == "fixed":
       pattern = sparse.FixedPattern(int(arg or 128), 1)
     else:
-      w = int(arg or 3)
-      pattern = sparse.BigBirdPattern(window_blocks=w, global_blocks=1, random_blocks=2, seed=seed)
+      pattern = None   # BigBird: built per call, with blocks of the tile size
     def sparse_fn(q, k, v, is_causal=False):
       # Default block: 128, or a quarter of a short sequence (a power of two >= 16).
       size = bs if block_size else min(bs, max(16, 1 << max(q.shape[1] // 4, 1).bit_length() - 1))
-      return aj.sparse_attention(q, k, v, pattern, is_causal=is_causal, block_size=size)
+      p = pattern
+      if pattern is None and name in ("strided", "fixed"):
+        l = max(round(q.shape[1] ** 0.5), 1)
+        p = sparse.StridedPattern(l) if name == "strided" else sparse.FixedPattern(l, 1)
+      if name == "bigbird":   # BigBird's pattern is made of blocks: use the same ones as the tiles
+        p = sparse.BigBirdPattern(window_blocks=int(arg or 3), global_blocks=1, random_blocks=2, seed=seed,
+                                  block=size)
+      return aj.sparse_attention(q, k, v, p, is_causal=is_causal, block_size=size)
     return sparse_fn
   if name == "ring":
     from attention_jax import ring
 
     def ring_fn(q, k, v, is_causal=False):
-      mesh = jax.make_mesh((len(jax.devices()),), ("seq",))
-      return ring.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal)
+      # A mesh over every device; unsharded inputs are fine: under jit the compiler shards them along T as
+      # the ring's shard_map needs (memory_analysis then reports per-device arguments of 1/devices).
+      mesh = jax.make_mesh((jax.device_count(),), ("seq",))
+      return ring.ring_attention(q, k, v, mesh=mesh, axis_name="seq", is_causal=is_causal, implementation=arg)
     return ring_fn
   raise ValueError(f"unknown attention variant {spec!r}")
