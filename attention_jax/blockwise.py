@@ -11,6 +11,10 @@ dK/dV per key chunk and dQ into a float32 buffer. Nothing of size T x S is ever 
 ``blockwise_attention`` has the arguments and semantics of :func:`attention_jax.dot_product_attention`
 (including ``bias`` and ``mask`` arrays, which are sliced per tile, and a gradient for ``bias``);
 ``blockwise_attention_reference`` is the plain algorithm with the same signature.
+
+``block_forward`` / ``block_backward`` expose one key block's partial result (float32 output and logsumexp, to be
+combined with other blocks' by the logsumexp rule) and that block's share of the gradients given the *global*
+logsumexp and ``delta``; ring attention (attention_jax/ring.py) composes them across devices.
 """
 
 from __future__ import annotations
@@ -158,7 +162,7 @@ def _head_major(q, k, v):
   return q_h, jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))
 
 
-def _forward(cfg: _Config, q, k, v, bias, aux: _Aux):
+def _forward(cfg: _Config, q, k, v, bias, aux: _Aux, out_dtype=None):
   B, Tp, N, H = q.shape
   K = k.shape[2]
   G = N // K
@@ -194,7 +198,7 @@ def _forward(cfg: _Config, q, k, v, bias, aux: _Aux):
     seen = l > 0
     out = acc / jnp.where(seen, l, 1.0)[..., None]
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
-    return out.astype(q.dtype), lse
+    return out.astype(out_dtype or q.dtype), lse
 
   out, lse = lax.map(query_chunk, jnp.arange(Tp // cfg.cq))   # [nq, B, K, G, cq, H], [nq, B, K, G, cq]
   out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(B, Tp, N, H)
@@ -221,14 +225,20 @@ def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def _attention_bwd(cfg, res, cts):
   q, k, v, bias, aux, out, lse = res
   d_out, d_lse = cts
+  # delta_i = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
+  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, aux, d_out, lse, delta - d_lse.astype(jnp.float32))
+  return dq, dk, dv, dbias, None
+
+
+def _backward(cfg: _Config, q, k, v, bias, aux: _Aux, d_out, lse, delta, grad_dtype=None):
+  """dq, dk, dv, dbias from the logsumexp ``lse`` and ``delta = rowsum(dO * O) [B, N, Tp]`` (both given)."""
   B, Tp, N, H = q.shape
   Sp, K = k.shape[1:3]
   G = N // K
   q_h, k_h, v_h = _head_major(q, k, v)
   do_h = _head_major(d_out, k, v)[0]
-  # delta_i = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
-  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  delta = (delta - d_lse.astype(jnp.float32)).reshape(B, K, G, Tp)
+  delta = delta.reshape(B, K, G, Tp)
   lse_b = jnp.where(jnp.isfinite(lse), lse, jnp.inf).reshape(B, K, G, Tp)   # rows with no key: P = 0
   kv_max, q_max = _limits(cfg, aux)
   q_lim = cfg.T if q_max is None else jnp.minimum(q_max, cfg.T)
@@ -273,27 +283,23 @@ def _attention_bwd(cfg, res, cts):
 
     zeros = jnp.zeros((B, K, cfg.ck, H), jnp.float32)
     dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, (zeros, zeros, dq, dbias))
-    dk_all = lax.dynamic_update_slice_in_dim(dk_all, dk.astype(k.dtype), k0, axis=2)
-    dv_all = lax.dynamic_update_slice_in_dim(dv_all, dv.astype(v.dtype), k0, axis=2)
+    dk_all = lax.dynamic_update_slice_in_dim(dk_all, dk.astype(dk_all.dtype), k0, axis=2)
+    dv_all = lax.dynamic_update_slice_in_dim(dv_all, dv.astype(dv_all.dtype), k0, axis=2)
     return dq, dk_all, dv_all, dbias
 
-  init = (jnp.zeros((B, K, G, Tp, H), jnp.float32), jnp.zeros_like(k_h), jnp.zeros_like(v_h),
-          None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+  init = (jnp.zeros((B, K, G, Tp, H), jnp.float32), jnp.zeros(k_h.shape, grad_dtype or k.dtype),
+          jnp.zeros(v_h.shape, grad_dtype or v.dtype), None if bias is None else jnp.zeros(bias.shape, jnp.float32))
   dq, dk, dv, dbias = lax.fori_loop(0, Sp // cfg.ck, key_chunk, init)
   dbias = None if bias is None else dbias.astype(bias.dtype)
-  dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(B, Tp, N, H).astype(q.dtype)
-  return dq, jnp.transpose(dk, (0, 2, 1, 3)), jnp.transpose(dv, (0, 2, 1, 3)), dbias, None
+  dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(B, Tp, N, H).astype(grad_dtype or q.dtype)
+  return dq, jnp.transpose(dk, (0, 2, 1, 3)), jnp.transpose(dv, (0, 2, 1, 3)), dbias
 
 
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def blockwise_core(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None = None
-                   ) -> tuple[jax.Array, jax.Array]:
-  """Runs validated inputs through the blockwise algorithm: ``(output [B,T,N,H], lse [B,N,T])``.
-
-  The logsumexp is differentiable here (its cotangent enters the backward); the public API stops it.
-  """
+def _setup(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None):
+  """Static config and the inputs padded to whole chunks: ``(cfg, q, k, v, bias, aux)``."""
   chunk_sizes = ChunkSizes.get_default() if chunk_sizes is None else chunk_sizes
   B, T, N, H = inp.query.shape
   S = inp.key.shape[1]
@@ -319,8 +325,60 @@ def blockwise_core(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None = N
              pad_rows_cols(inp.mask))
   q = _pad_axis(inp.query, 1, Tp)
   k, v = _pad_axis(inp.key, 1, Sp), _pad_axis(inp.value, 1, Sp)
-  out, lse = _attention(cfg, q, k, v, pad_rows_cols(inp.bias), aux)
+  return cfg, q, k, v, pad_rows_cols(inp.bias), aux
+
+
+def blockwise_core(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """Runs validated inputs through the blockwise algorithm: ``(output [B,T,N,H], lse [B,N,T])``.
+
+  The logsumexp is differentiable here (its cotangent enters the backward); the public API stops it.
+  """
+  cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
+  out, lse = _attention(cfg, q, k, v, bias, aux)
+  T = inp.query.shape[1]
   return out[:, :T], lse[:, :, :T]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# One block of a larger attention (ring attention runs these per pair of sequence shards)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def block_forward(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Attention of ``inp``'s queries over only its keys: ``(out [B,T,N,H] float32, lse [B,N,T] float32)``.
+
+  A partial result: results over disjoint key sets combine with the logsumexp rule
+  (``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``). The output
+  stays float32 so that combining does not round. Plain forward, no custom gradient: pair it with
+  :func:`block_backward`.
+  """
+  cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
+  out, lse = _forward(cfg, q, k, v, bias, aux, out_dtype=jnp.float32)
+  T = inp.query.shape[1]
+  return out[:, :T], lse[:, :, :T]
+
+
+def block_backward(inp: core.AttentionInputs, d_out: jax.Array, lse: jax.Array, delta: jax.Array,
+                   chunk_sizes: ChunkSizes | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """This block's share of ``(dq, dk, dv)`` (float32) when its keys are part of a larger attention.
+
+  ``lse [B, N, T]`` is the logsumexp of the *whole* attention (over every key block) and
+  ``delta [B, N, T] = rowsum(d_out * out)`` with the whole attention's output: then each tile's probabilities
+  ``exp(s - lse)`` are the global ones and the per-block gradients sum to the exact gradient. With this block's
+  own ``lse``/``delta`` it is the ordinary backward. ``inp`` may not carry a bias (its gradient is not returned).
+  """
+  if inp.bias is not None:
+    raise ValueError(f"block_backward does not return a bias gradient; got bias.shape={inp.bias.shape}")
+  cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
+  Tp, T = q.shape[1], inp.query.shape[1]
+  d_out = _pad_axis(d_out, 1, Tp)
+  lse = _pad_axis(lse.astype(jnp.float32), 2, Tp, -jnp.inf)
+  delta = _pad_axis(delta.astype(jnp.float32), 2, Tp)
+  dq, dk, dv, _ = _backward(cfg, q, k, v, bias, aux, d_out, lse, delta, grad_dtype=jnp.float32)
+  S = inp.key.shape[1]
+  return dq[:, :T], dk[:, :S], dv[:, :S]
 
 
 def blockwise_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,

@@ -1,0 +1,584 @@
+"""Ring attention: softmax attention with the sequence sharded over one mesh axis (sequence parallelism).
+
+Each of the P devices on ``axis_name`` keeps its block of queries and passes its key/value block around the ring
+with ``jax.lax.ppermute`` (Liu, Zaharia & Abbeel 2023, "Ring Attention with Blockwise Transformers"): after P
+steps every query block has met every key block, and no device ever holds more than two key/value blocks.
+
+* forward: device d accumulates, for its queries, a float32 output and logsumexp over the key blocks it has seen,
+  merging each block's partial result with the logsumexp rule
+  ``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``;
+* backward (``jax.custom_vjp``): saves only the local q, k, v, output and logsumexp. The key/value blocks go
+  around the ring again together with float32 dK/dV accumulators; each device adds its queries' share to the
+  block it holds (computed with the *global* logsumexp, so the shares sum to the exact gradient) and keeps dQ.
+  After P steps every dK/dV accumulator is back on the device that owns its keys. Nothing per step is stored
+  for autodiff;
+* causal: a (query chunk, key chunk) pair is computed in full when the key chunk comes earlier, with the causal
+  mask on the diagonal, and skipped when the key chunk comes later. With contiguous shards device d would do
+  d + 1 pairs, so by default the sequence is split into 2P chunks and device d holds chunks d and 2P-1-d
+  ("zig-zag", Brandon et al. 2023 / ring-flash-attention): every device then computes 2P + 1 pairs, two of them
+  diagonal. Each step is one call: the device's own keys (causal), keys from an earlier device (both query
+  chunks, the keys' first chunk) or from a later one (the second query chunk, both key chunks). The reordering
+  is two half-shard ``ppermute`` s per array on the way in and out, inside ``shard_map``;
+  ``sequence_order="zigzag"`` skips them for models that keep activations in zig-zag order (:func:`to_zigzag`);
+* per-block compute: ``attention_jax.blockwise`` (any backend; :func:`attention_jax.blockwise.block_forward` and
+  ``block_backward``) or the Pallas flash kernel on GPU; ``implementation=None`` picks by the mesh's platform.
+  Within a block the per-tile causal / length ranges skip masked tiles as usual;
+* GQA: K/V rotate with their K heads, never repeated; key/value (and query) lengths are global positions,
+  turned into per-block limits; T and S that do not divide into the chunks are padded and the padding masked.
+
+``ring_attention_reference`` has the same signature and computes the same function on gathered arrays.
+See docs/RING.md for multi-host use.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from attention_jax import blockwise, core
+
+IMPLEMENTATIONS = ("blockwise", "pallas")
+SEQUENCE_ORDERS = ("natural", "zigzag")
+# Kinds of a (query chunk, key chunk) pair; also the columns of ring_block_counts.
+SKIP, FULL, DIAGONAL = 0, 1, 2
+
+
+class _Config(NamedTuple):
+  """Static configuration of one call (hashable)."""
+  axis_name: Any
+  num_shards: int        # P, devices on axis_name
+  zigzag: bool           # device d holds chunks d and 2P-1-d (else chunk d)
+  is_causal: bool
+  q_chunk: int           # rows per chunk (a device holds 1 or 2 chunks)
+  kv_chunk: int
+  scale: float
+  soft_cap: float | None
+  implementation: str    # per-block compute: "blockwise" | "pallas"
+  chunk_sizes: Any       # blockwise.ChunkSizes | None
+  block_sizes: Any       # kernels.flash_gpu.BlockSizes | None
+
+  @property
+  def chunks_per_shard(self) -> int:
+    return 2 if self.zigzag else 1
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-block compute (local query chunks against chunks of the key/value block held, on one device)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _block_forward(cfg: _Config, inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
+  """``(out float32 [B, Tb, N, H], lse [B, N, Tb])``: the block's partial result."""
+  if cfg.implementation == "pallas":
+    from attention_jax.kernels import flash_gpu
+    out, lse = flash_gpu.flash_core(inp, cfg.block_sizes)
+    return out.astype(jnp.float32), lse
+  return blockwise.block_forward(inp, cfg.chunk_sizes)
+
+
+def _rows(x_BNT: jax.Array) -> jax.Array:
+  """``[B, N, T]`` -> ``[B, T, N, 1]``, to scale ``[B, T, N, H]`` rows."""
+  return jnp.transpose(x_BNT, (0, 2, 1))[..., None]
+
+
+def _block_backward(cfg: _Config, inp: core.AttentionInputs, d_out, lse, delta):
+  """The block's float32 share of ``(dq, dk, dv)``, given the global ``lse`` and ``delta = rowsum(dO * O)``."""
+  if cfg.implementation != "pallas":
+    return blockwise.block_backward(inp, d_out, lse, delta, cfg.chunk_sizes)
+  # The flash kernel's backward uses its own logsumexp, so recompute the block's (o_i, lse_i) and pull back the
+  # cotangents of the merge out = sum_i w_i o_i, w_i = exp(lse_i - lse):
+  #   d o_i = w_i dO,   d lse_i = w_i (rowsum(dO * o_i) - delta)   (exact; costs one block forward more).
+  from attention_jax.kernels import flash_gpu
+
+  def pair(q, k, v):
+    return flash_gpu.flash_core(inp._replace(query=q, key=k, value=v), cfg.block_sizes)
+
+  (o_i, lse_i), pull_back = jax.vjp(pair, inp.query, inp.key, inp.value)
+  finite = jnp.isfinite(lse_i) & jnp.isfinite(lse)
+  w = jnp.where(finite, jnp.exp(jnp.where(finite, lse_i - lse, 0.0)), 0.0)
+  d_out = d_out.astype(jnp.float32)
+  d_o_i = (_rows(w) * d_out).astype(o_i.dtype)
+  d_lse_i = w * (jnp.einsum("btnh,btnh->bnt", d_out, o_i.astype(jnp.float32)) - delta)
+  return tuple(g.astype(jnp.float32) for g in pull_back((d_o_i, d_lse_i)))
+
+
+def _merge(o_a, lse_a, o_b, lse_b):
+  """Logsumexp rule for two partial results over disjoint keys (rows with no key stay 0 / -inf)."""
+  lse = jnp.logaddexp(lse_a, lse_b)
+  safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
+  return _rows(jnp.exp(lse_a - safe)) * o_a + _rows(jnp.exp(lse_b - safe)) * o_b, lse
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The ring, per device (inside shard_map)
+# ----------------------------------------------------------------------------------------------------------
+
+
+class _Block(NamedTuple):
+  """Queries in local chunks ``[q[0], q[1])`` against keys in local chunks ``[kv[0], kv[1])`` of the held block."""
+  q: tuple[int, int]
+  kv: tuple[int, int]
+  causal: bool
+
+
+def _chunk_index(cfg: _Config, device, u: int):
+  """Global chunk index of local chunk ``u`` of ``device``."""
+  return device if u == 0 else 2 * cfg.num_shards - 1 - device
+
+
+def _local_length(cfg: _Config, length, device, chunks: tuple[int, int], chunk: int):
+  """How many of ``device``'s local positions in ``chunks`` lie before the global ``length`` ([B] int32).
+
+  A device's chunks are in increasing global order, so those positions are a prefix of the local ones.
+  """
+  if length is None:
+    return None
+  return sum(jnp.clip(length - _chunk_index(cfg, device, u) * chunk, 0, chunk) for u in range(*chunks))
+
+
+def _plan(cfg: _Config) -> tuple[_Block | None, list[_Block | None], Callable]:
+  """``(local, remote, pick)``: the block computed with the device's own keys (None: same as remote), the
+  blocks for keys from another device and ``pick(me, src)`` -> index into ``remote`` (None entries: skip).
+
+  Causal, zig-zag (device d holds chunks d and 2P-1-d): keys from ``src < me`` are seen in full by both local
+  query chunks except the keys' second chunk (later than both); keys from ``src > me`` only by the second query
+  chunk, which sees both of their chunks. Either way two chunk pairs, so every device does the same work.
+  """
+  n = cfg.chunks_per_shard
+  every = ((0, n), (0, n))
+  if not cfg.is_causal:
+    return None, [_Block(*every, False)], lambda me, src: 0
+  later_keys = _Block((1, 2), (0, 2), False) if cfg.zigzag else None
+  earlier_keys = _Block((0, 2), (0, 1), False) if cfg.zigzag else _Block(*every, False)
+  return _Block(*every, True), [later_keys, earlier_keys], lambda me, src: (src < me).astype(jnp.int32)
+
+
+def _block_counts(block: _Block) -> jax.Array:
+  """Chunk pairs ``[0, full, diagonal]`` that ``block`` computes."""
+  pairs = (block.q[1] - block.q[0]) * (block.kv[1] - block.kv[0])
+  diagonal = block.q[1] - block.q[0] if block.causal else 0
+  full = (pairs - diagonal) // 2 if block.causal else pairs    # causal blocks are a device's own chunks
+  return jnp.asarray([0, full, diagonal], jnp.int32)
+
+
+def _take(x: jax.Array, lo: int, hi: int, axis: int) -> jax.Array:
+  """Static rows ``[lo, hi)`` of ``axis`` (``x`` itself when that is all of them)."""
+  return x if (lo, hi) == (0, x.shape[axis]) else lax.slice_in_dim(x, lo, hi, axis=axis)
+
+
+def _put(x: jax.Array, rows: jax.Array, lo: int, axis: int) -> jax.Array:
+  """``x`` with ``rows`` written at ``lo`` along ``axis``. Slices and dynamic_update_slice rather than
+  ``x.at[...]`` (a scatter, which jaxlib 0.11.2's CPU compiler crashes on inside this sharded loop)."""
+  return rows if rows.shape == x.shape else lax.dynamic_update_slice_in_dim(x, rows, lo, axis)
+
+
+def _block_inputs(cfg: _Config, block: _Block, q, k, v, lengths: dict, me, src) -> core.AttentionInputs:
+  """The block's slices of the local q and held k/v, with the global lengths turned into local ones."""
+  rows = lambda x, r, c: _take(x, r[0] * c, r[1] * c, 1)
+  return core.AttentionInputs(
+      rows(q, block.q, cfg.q_chunk), rows(k, block.kv, cfg.kv_chunk), rows(v, block.kv, cfg.kv_chunk),
+      bias=None, mask=None, scale=cfg.scale, is_causal=block.causal,
+      q_lengths=_local_length(cfg, lengths.get("q"), me, block.q, cfg.q_chunk),
+      kv_lengths=_local_length(cfg, lengths.get("kv"), src, block.kv, cfg.kv_chunk),
+      window=None, q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=cfg.soft_cap)
+
+
+def _run_blocks(blocks: list[_Block | None], index, fn: Callable, *carry):
+  """``fn(block, *carry)`` for ``blocks[index]`` (carry unchanged for None); a ``lax.switch`` unless static."""
+  branch = lambda block: (lambda *c: c) if block is None else functools.partial(fn, block)
+  if len(blocks) == 1:
+    return branch(blocks[0])(*carry)
+  return lax.switch(index, [branch(b) for b in blocks], *carry)
+
+
+def _rotate(cfg: _Config, tree):
+  """Sends ``tree`` to the next device on the ring (device d receives from d - 1)."""
+  n = cfg.num_shards
+  if n == 1:
+    return tree
+  return lax.ppermute(tree, cfg.axis_name, [(i, (i + 1) % n) for i in range(n)])
+
+
+def _ring_loop(cfg: _Config, step: Callable, local_step: Callable, carry):
+  """Runs the device's own block (``local_step``, or ``step(0, ...)``) and then ``step(s, ...)`` for the keys
+  that arrive at s = 1 .. P-1."""
+  local, _, _ = _plan(cfg)
+  if local is None:
+    return lax.fori_loop(0, cfg.num_shards, step, carry)
+  return lax.fori_loop(1, cfg.num_shards, step, local_step(carry))
+
+
+def _ring_forward(cfg: _Config, q, k, v, lengths: dict):
+  """Local ``(out [B, Tl, N, H] in q's dtype, lse [B, N, Tl], counts int32 [3])``.
+
+  ``counts``: chunk pairs this device skipped / computed in full / computed with the causal mask (of the
+  n x n pairs of each of the P steps, n = chunks per device).
+  """
+  n_dev, me = cfg.num_shards, lax.axis_index(cfg.axis_name)
+  local, remote, pick = _plan(cfg)
+  B, Tl, N, H = q.shape
+
+  def attend(block, k_cur, v_cur, src, o, lse, counts):
+    inputs = _block_inputs(cfg, block, q, k_cur, v_cur, lengths, me, src)
+    lo, hi = block.q[0] * cfg.q_chunk, block.q[1] * cfg.q_chunk
+    o_b, lse_b = _merge(_take(o, lo, hi, 1), _take(lse, lo, hi, 2), *_block_forward(cfg, inputs))
+    return _put(o, o_b, lo, 1), _put(lse, lse_b, lo, 2), counts + _block_counts(block)
+
+  def step(s, carry):
+    k_cur, v_cur, acc = carry
+    k_next, v_next = _rotate(cfg, (k_cur, v_cur))    # in flight while this step computes
+    src = (me - s) % n_dev                           # the device these keys came from
+    acc = _run_blocks(remote, pick(me, src), lambda block, *c: attend(block, k_cur, v_cur, src, *c), *acc)
+    return k_next, v_next, acc
+
+  def local_step(carry):
+    k_cur, v_cur, acc = carry
+    k_next, v_next = _rotate(cfg, (k_cur, v_cur))
+    return k_next, v_next, attend(local, k_cur, v_cur, me, *acc)
+
+  init = (jnp.zeros((B, Tl, N, H), jnp.float32), jnp.full((B, N, Tl), -jnp.inf, jnp.float32),
+          jnp.zeros((3,), jnp.int32))
+  _, _, (out, lse, counts) = _ring_loop(cfg, step, local_step, (k, v, init))
+  counts = counts.at[0].set(cfg.chunks_per_shard ** 2 * n_dev - counts[1] - counts[2])
+  return out.astype(q.dtype), lse, counts
+
+
+def _ring_backward(cfg: _Config, q, k, v, lengths: dict, d_out, lse, delta):
+  """Local ``(dq, dk, dv)``: float32 dK/dV accumulators travel with their key/value blocks and arrive home."""
+  n_dev, me = cfg.num_shards, lax.axis_index(cfg.axis_name)
+  local, remote, pick = _plan(cfg)
+
+  def grads(block, k_cur, v_cur, src, dq, dk, dv):
+    inputs = _block_inputs(cfg, block, q, k_cur, v_cur, lengths, me, src)
+    lo, hi = block.q[0] * cfg.q_chunk, block.q[1] * cfg.q_chunk
+    klo, khi = block.kv[0] * cfg.kv_chunk, block.kv[1] * cfg.kv_chunk
+    g_q, g_k, g_v = _block_backward(cfg, inputs, _take(d_out, lo, hi, 1), _take(lse, lo, hi, 2),
+                                   _take(delta, lo, hi, 2))
+    add = lambda acc, g, lo, hi: _put(acc, _take(acc, lo, hi, 1) + g, lo, 1)
+    return add(dq, g_q, lo, hi), add(dk, g_k, klo, khi), add(dv, g_v, klo, khi)
+
+  def step(s, carry):
+    k_cur, v_cur, dk, dv, dq = carry
+    src = (me - s) % n_dev
+    dq, dk, dv = _run_blocks(remote, pick(me, src), lambda block, *c: grads(block, k_cur, v_cur, src, *c),
+                             dq, dk, dv)
+    k_cur, v_cur, dk, dv = _rotate(cfg, (k_cur, v_cur, dk, dv))   # dK/dV go on with their keys
+    return k_cur, v_cur, dk, dv, dq
+
+  def local_step(carry):
+    k_cur, v_cur, dk, dv, dq = carry
+    dq, dk, dv = grads(local, k_cur, v_cur, me, dq, dk, dv)
+    k_cur, v_cur, dk, dv = _rotate(cfg, (k_cur, v_cur, dk, dv))
+    return k_cur, v_cur, dk, dv, dq
+
+  f32 = lambda x: jnp.zeros(x.shape, jnp.float32)
+  _, _, dk, dv, dq = _ring_loop(cfg, step, local_step, (k, v, f32(k), f32(v), f32(q)))
+  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _ring(cfg: _Config, q, k, v, lengths: dict):
+  out, lse, _ = _ring_forward(cfg, q, k, v, lengths)
+  return out, lse
+
+
+def _ring_fwd(cfg, q, k, v, lengths):
+  out, lse, _ = _ring_forward(cfg, q, k, v, lengths)
+  return (out, lse), (q, k, v, lengths, out, lse)
+
+
+def _ring_bwd(cfg, res, cts):
+  q, k, v, lengths, out, lse = res
+  d_out, d_lse = cts
+  # delta = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
+  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  delta = delta - d_lse.astype(jnp.float32)
+  dq, dk, dv = _ring_backward(cfg, q, k, v, lengths, d_out, lse, delta)
+  return dq, dk, dv, jax.tree.map(lambda _: None, lengths)
+
+
+_ring.defvjp(_ring_fwd, _ring_bwd)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Zig-zag order
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _zigzag_owner(chunk: int, num_shards: int) -> int:
+  return chunk if chunk < num_shards else 2 * num_shards - 1 - chunk
+
+
+def _zigzag_perms(num_shards: int):
+  """ppermute pairs moving natural chunks 2d (even) and 2d+1 (odd) of device d to their zig-zag owners."""
+  return ([(d, _zigzag_owner(2 * d, num_shards)) for d in range(num_shards)],
+          [(d, _zigzag_owner(2 * d + 1, num_shards)) for d in range(num_shards)])
+
+
+def _natural_to_zigzag(cfg: _Config, x: jax.Array, axis: int) -> jax.Array:
+  """Local shard [chunk 2d, chunk 2d+1] -> [chunk d, chunk 2P-1-d] (one even and one odd chunk each)."""
+  if cfg.num_shards == 1:
+    return x
+  even_perm, odd_perm = _zigzag_perms(cfg.num_shards)
+  first, second = jnp.split(x, 2, axis=axis)
+  even = lax.ppermute(first, cfg.axis_name, even_perm)
+  odd = lax.ppermute(second, cfg.axis_name, odd_perm)
+  me_even = lax.axis_index(cfg.axis_name) % 2 == 0      # device d's first chunk, d, has d's parity
+  return jnp.where(me_even, jnp.concatenate([even, odd], axis), jnp.concatenate([odd, even], axis))
+
+
+def _zigzag_to_natural(cfg: _Config, x: jax.Array, axis: int) -> jax.Array:
+  """Inverse of :func:`_natural_to_zigzag`."""
+  if cfg.num_shards == 1:
+    return x
+  even_perm, odd_perm = _zigzag_perms(cfg.num_shards)
+  first, second = jnp.split(x, 2, axis=axis)
+  me_even = lax.axis_index(cfg.axis_name) % 2 == 0
+  even, odd = jnp.where(me_even, first, second), jnp.where(me_even, second, first)
+  back = lambda perm: [(dst, src) for src, dst in perm]
+  return jnp.concatenate([lax.ppermute(even, cfg.axis_name, back(even_perm)),
+                          lax.ppermute(odd, cfg.axis_name, back(odd_perm))], axis)
+
+
+def zigzag_indices(seq_len: int, num_shards: int) -> jax.Array:
+  """Positions in zig-zag order: 2 * num_shards equal chunks, shard d holding chunks d and 2*num_shards-1-d."""
+  if seq_len % (2 * num_shards):
+    raise ValueError(f"zig-zag order needs seq_len divisible by 2 * num_shards; got {seq_len=} {num_shards=}")
+  c = seq_len // (2 * num_shards)
+  order = [ch for d in range(num_shards) for ch in (d, 2 * num_shards - 1 - d)]
+  return (jnp.asarray(order, jnp.int32)[:, None] * c + jnp.arange(c, dtype=jnp.int32)[None, :]).reshape(-1)
+
+
+def to_zigzag(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
+  """Reorders ``axis`` of ``x`` from natural to zig-zag order (see ``sequence_order="zigzag"``)."""
+  return jnp.take(x, zigzag_indices(x.shape[axis], num_shards), axis=axis)
+
+
+def from_zigzag(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
+  """Inverse of :func:`to_zigzag`."""
+  return jnp.take(x, jnp.argsort(zigzag_indices(x.shape[axis], num_shards)), axis=axis)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Meshes (Explicit or Auto axes, with or without a jax.set_mesh context)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _check_mesh(mesh, axis_name) -> int:
+  if not isinstance(mesh, Mesh):
+    raise ValueError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((n,), ('seq',))); got {type(mesh)}")
+  if axis_name not in mesh.axis_names:
+    raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh; its axes are {mesh.axis_names} "
+                     f"with sizes {mesh.axis_sizes}")
+  return mesh.shape[axis_name]
+
+
+def _typed_spec(x: jax.Array, mesh: Mesh) -> P | None:
+  """The PartitionSpec in ``x``'s type when it is explicitly sharded on ``mesh``'s axes, else None."""
+  sharding = getattr(jax.typeof(x), "sharding", None)
+  if sharding is None or sharding.mesh.empty or sharding.mesh.axis_names != mesh.axis_names:
+    return None
+  return sharding.spec
+
+
+def _on_mesh(mesh: Mesh, fn: Callable, args: tuple, out_specs) -> Any:
+  """``fn(shard_mesh, *args)`` with every axis of ``mesh`` of Auto type (what ``shard_map`` over one axis and
+  the per-shard code need), whatever the caller's mesh setup.
+
+  * no ``jax.set_mesh`` context, untyped inputs (NumPy, single-device, Auto-sharded): runs on ``mesh``'s Auto
+    twin (same devices), so jit may pick the input sharding;
+  * inputs explicitly sharded on ``mesh``, or a ``jax.set_mesh`` context (which must be ``mesh``) with Explicit
+    axes: ``jax.sharding.auto_axes`` switches the axes to Auto inside and types the outputs with ``out_specs``.
+  """
+  ctx = jax.sharding.get_abstract_mesh()
+  in_auto = lambda *a: fn(jax.sharding.get_abstract_mesh(), *a)
+  if not ctx.empty:
+    if ctx.axis_names != mesh.axis_names or ctx.axis_sizes != mesh.axis_sizes:
+      raise ValueError(f"the jax.set_mesh context mesh {ctx.axis_names} {ctx.axis_sizes} differs from mesh= "
+                       f"{mesh.axis_names} {mesh.axis_sizes}")
+    if all(t != AxisType.Explicit for t in ctx.axis_types):
+      return fn(ctx, *args)
+    return jax.sharding.auto_axes(in_auto, out_sharding=out_specs)(*args)
+  if _typed_spec(args[0], mesh) is not None:
+    out_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs)
+    return jax.sharding.auto_axes(in_auto, out_sharding=out_shardings)(*args)
+  if all(t != AxisType.Explicit for t in mesh.axis_types):
+    return fn(mesh, *args)
+  return fn(Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names)), *args)
+
+
+def _other_axes(spec: P | None, ndim: int, axis_name) -> list:
+  """Per-dim spec entries of ``spec`` with ``axis_name`` removed (None where unsharded)."""
+  entries = list(spec or ()) + [None] * (ndim - len(spec or ()))
+  drop = lambda e: None if e == axis_name or (isinstance(e, tuple) and axis_name in e) else e
+  return [drop(e) for e in entries[:ndim]]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public API
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _prepare(query, key, value, mesh, axis_name, *, is_causal, scale, query_seq_lengths, key_value_seq_lengths,
+             logits_soft_cap, load_balance, sequence_order, implementation, chunk_sizes, block_sizes):
+  """Validates the call: ``(AttentionInputs, _Config, padded T, padded S)``."""
+  n_dev = _check_mesh(mesh, axis_name)
+  inp = core.prepare_inputs(query, key, value, scale=scale, is_causal=is_causal,
+                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                            logits_soft_cap=logits_soft_cap)
+  T, S = inp.query.shape[1], inp.key.shape[1]
+  if sequence_order not in SEQUENCE_ORDERS:
+    raise ValueError(f"sequence_order must be one of {SEQUENCE_ORDERS}; got {sequence_order!r}")
+  if inp.is_causal and T != S:
+    raise ValueError(f"causal ring attention needs T == S (self-attention); got {inp.shapes}")
+  zigzag = sequence_order == "zigzag" or (inp.is_causal and load_balance)
+  per = n_dev * (2 if zigzag else 1)
+  if sequence_order == "zigzag" and (T % per or S % per):
+    raise ValueError(f"sequence_order='zigzag' needs T and S divisible by 2 * {n_dev} devices on "
+                     f"{axis_name!r} (inputs from to_zigzag); got {inp.shapes}")
+  if implementation is None or implementation == "auto":
+    implementation = "pallas" if mesh.devices.flat[0].platform == "gpu" else "blockwise"
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation must be None/'auto' or one of {IMPLEMENTATIONS}; got {implementation!r}")
+  Tp, Sp = -(-T // per) * per, -(-S // per) * per
+  cfg = _Config(axis_name=axis_name, num_shards=n_dev, zigzag=zigzag, is_causal=inp.is_causal,
+                q_chunk=Tp // per, kv_chunk=Sp // per, scale=blockwise._static_float("scale", inp.scale),
+                soft_cap=blockwise._static_float("logits_soft_cap", inp.logits_soft_cap),
+                implementation=implementation, chunk_sizes=chunk_sizes, block_sizes=block_sizes)
+  return inp, cfg, Tp, Sp
+
+
+def _global_lengths(inp: core.AttentionInputs, Sp: int) -> dict:
+  """Query / key lengths the ring masks with (keys padded up to ``Sp`` are masked by a key length)."""
+  S = inp.key.shape[1]
+  lengths = {}
+  if inp.q_lengths is not None:
+    lengths["q"] = inp.q_lengths
+  if inp.kv_lengths is not None or Sp != S:
+    lengths["kv"] = (jnp.full((inp.key.shape[0],), S, jnp.int32) if inp.kv_lengths is None
+                     else jnp.minimum(inp.kv_lengths, S))
+  return lengths
+
+
+def _sharded(cfg: _Config, Tp: int, Sp: int, reorder: bool, body: Callable, out_specs, shard_mesh, q, k, v,
+             lengths: dict):
+  """Pads q/k/v to ``Tp`` / ``Sp`` rows and runs ``body(q, k, v, lengths)`` per device under ``shard_map``."""
+  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))) if n != x.shape[1] else x
+
+  def per_device(q, k, v, lengths):
+    if reorder:
+      q, k, v = (_natural_to_zigzag(cfg, x, 1) for x in (q, k, v))
+    return body(q, k, v, lengths)
+
+  seq = P(None, cfg.axis_name)
+  return jax.shard_map(per_device, mesh=shard_mesh, in_specs=(seq, seq, seq, P()), out_specs=out_specs,
+                       axis_names={cfg.axis_name}, check_vma=False)(pad(q, Tp), pad(k, Sp), pad(v, Sp), lengths)
+
+
+def ring_attention(query, key, value, *, mesh: Mesh, axis_name, is_causal: bool = False, scale=None,
+                   query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None,
+                   load_balance: bool = True, sequence_order: str = "natural", implementation: str | None = None,
+                   chunk_sizes: blockwise.ChunkSizes | None = None, block_sizes=None,
+                   return_residual: bool = False):
+  """Softmax attention with the sequence sharded over ``mesh`` axis ``axis_name`` (ring attention).
+
+  Args:
+    query: ``[B, T, N, H]``; key, value: ``[B, S, K, H]``, ``N % K == 0`` — *global* arrays, sharded or not:
+      inputs already sharded along the sequence over ``axis_name`` (``P(None, axis_name)``) are used in place,
+      anything else is resharded. Batch / head sharding over other mesh axes is kept. Jit-able; ``mesh`` and
+      ``axis_name`` are static.
+    mesh: a ``jax.sharding.Mesh`` (Explicit or Auto axes; inside ``jax.set_mesh`` it must be that mesh).
+    axis_name: the mesh axis to shard the sequence over (P devices).
+    is_causal: query i sees keys j <= i; needs T == S.
+    scale, logits_soft_cap, query_seq_lengths, key_value_seq_lengths: as
+      :func:`attention_jax.dot_product_attention` (lengths are global positions).
+    load_balance: causal only — zig-zag chunks so that every device computes the same number of blocks
+      (``False``: contiguous shards, device d computes d + 1 blocks).
+    sequence_order: "natural", or "zigzag" when q/k/v (and the output) are already in :func:`to_zigzag` order
+      (T, S divisible by 2P), which saves the reordering ``ppermute`` s.
+    implementation: per-shard compute, None/"auto" (Pallas on GPU, blockwise elsewhere), "blockwise", "pallas".
+    chunk_sizes / block_sizes: tiles of the blockwise path / the Pallas kernel.
+    return_residual: also return the logsumexp ``[B, N, T]`` (float32, -inf on rows with no key).
+
+  Returns:
+    ``[B, T, N, H]`` in the input dtype, sharded along T over ``axis_name`` (when P divides T), or
+    ``(output, logsumexp)``. T not a multiple of the chunk count is padded internally and masked.
+  """
+  inp, cfg, Tp, Sp = _prepare(query, key, value, mesh, axis_name, is_causal=is_causal, scale=scale,
+                              query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                              logits_soft_cap=logits_soft_cap, load_balance=load_balance,
+                              sequence_order=sequence_order, implementation=implementation,
+                              chunk_sizes=chunk_sizes, block_sizes=block_sizes)
+  reorder = cfg.zigzag and sequence_order == "natural"
+  T = inp.query.shape[1]
+
+  def body(q, k, v, lengths):
+    out, lse = _ring(cfg, q, k, v, lengths)
+    if reorder:
+      out, lse = _zigzag_to_natural(cfg, out, 1), _zigzag_to_natural(cfg, lse, 2)
+    return out, lse
+
+  def run(shard_mesh, *args):
+    out, lse = _sharded(cfg, Tp, Sp, reorder, body, (P(None, axis_name), P(None, None, axis_name)), shard_mesh,
+                        *args)
+    return out[:, :T], lse[:, :, :T]
+
+  b, _, n, _ = _other_axes(_typed_spec(inp.query, mesh), 4, axis_name)
+  seq = axis_name if T % cfg.num_shards == 0 else None
+  args = (inp.query, inp.key, inp.value, _global_lengths(inp, Sp))
+  out, lse = _on_mesh(mesh, run, args, (P(b, seq, n, None), P(b, n, seq)))
+  return (out, lax.stop_gradient(lse)) if return_residual else out
+
+
+def ring_attention_reference(query, key, value, *, mesh: Mesh, axis_name, is_causal: bool = False, scale=None,
+                             query_seq_lengths=None, key_value_seq_lengths=None, logits_soft_cap=None,
+                             load_balance: bool = True, sequence_order: str = "natural",
+                             implementation: str | None = None,
+                             chunk_sizes: blockwise.ChunkSizes | None = None, block_sizes=None,
+                             return_residual: bool = False):
+  """The plain algorithm with :func:`ring_attention`'s signature: gathers q/k/v (replicated on every device of
+  ``mesh``) and calls :func:`attention_jax.reference_attention`. Tiling and balancing arguments are ignored."""
+  del load_balance, implementation, chunk_sizes, block_sizes
+  num_shards = _check_mesh(mesh, axis_name)
+  if sequence_order not in SEQUENCE_ORDERS:
+    raise ValueError(f"sequence_order must be one of {SEQUENCE_ORDERS}; got {sequence_order!r}")
+  zigzag = sequence_order == "zigzag"
+
+  def run(shard_mesh, query, key, value):
+    gather = lambda x: lax.with_sharding_constraint(x, NamedSharding(shard_mesh, P()))
+    q, k, v = (gather(from_zigzag(x, num_shards) if zigzag else x) for x in (query, key, value))
+    out, lse = core.reference_attention(q, k, v, scale=scale, is_causal=is_causal,
+                                        query_seq_lengths=query_seq_lengths,
+                                        key_value_seq_lengths=key_value_seq_lengths,
+                                        logits_soft_cap=logits_soft_cap, return_residual=True)
+    if zigzag:
+      out, lse = to_zigzag(out, num_shards, 1), to_zigzag(lse, num_shards, 2)
+    return out, lse
+
+  out, lse = _on_mesh(mesh, run, tuple(jnp.asarray(x) for x in (query, key, value)), (P(), P()))
+  return (out, lse) if return_residual else out
+
+
+def ring_block_counts(query, key, value, *, mesh: Mesh, axis_name, is_causal: bool = False,
+                      query_seq_lengths=None, key_value_seq_lengths=None, load_balance: bool = True,
+                      sequence_order: str = "natural") -> jax.Array:
+  """The work per device of :func:`ring_attention`'s forward, counted inside the ring as it runs.
+
+  Returns int32 ``[P, 3]``: per device, how many (query chunk, key chunk) pairs it skipped, computed in full
+  and computed with the causal mask (columns ``SKIP``, ``FULL``, ``DIAGONAL``), out of ``n * n * P`` (n = 1, or
+  2 chunks per device in zig-zag order). Arguments as :func:`ring_attention`.
+  """
+  inp, cfg, Tp, Sp = _prepare(query, key, value, mesh, axis_name, is_causal=is_causal, scale=None,
+                              query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                              logits_soft_cap=None, load_balance=load_balance, sequence_order=sequence_order,
+                              implementation="blockwise", chunk_sizes=None, block_sizes=None)
+  reorder = cfg.zigzag and sequence_order == "natural"
+  body = lambda q, k, v, lengths: _ring_forward(cfg, q, k, v, lengths)[2][None]
+  run = functools.partial(_sharded, cfg, Tp, Sp, reorder, body, P(axis_name))
+  return _on_mesh(mesh, run, (inp.query, inp.key, inp.value, _global_lengths(inp, Sp)), P(axis_name))
