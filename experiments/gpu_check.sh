@@ -2,12 +2,19 @@
 # GPU check for the Pallas flash kernel (../shared/GPU.md): devices, compiled kernel tests, benchmark, table.
 # Run from the repository root on the GPU machine:  bash experiments/gpu_check.sh   (results under $OUT)
 # Budgets (env): TEST_BUDGET_S for the compiled tests, BENCH_BUDGET_S for the benchmark; TEST_FILTER picks the
-# compiled tests (default: all of FlashCompiledTest's CI subset), SEQ_LENS / IMPLS the benchmark grid.
+# compiled tests (default: all of FlashCompiledTest's CI subset; TEST_SHARDS parallel pytest processes, concurrent
+# with the compare step when it runs) and TEST_MARKS their marks ("" for slow ones too),
+# SEQ_LENS / IMPLS the benchmark grid (BENCH_BUDGET_S=0 skips it); COMPARE_BUDGET_S > 0 also runs
+# `experiments.compare --preset=$COMPARE_PRESET` on the GPU with that budget (results under $OUT/compare).
 set -uo pipefail
 OUT=${OUT:-/tmp}
 TEST_BUDGET_S=${TEST_BUDGET_S:-200}
 BENCH_BUDGET_S=${BENCH_BUDGET_S:-300}
 TEST_FILTER=${TEST_FILTER:-Compiled or FlashApi}
+TEST_MARKS=${TEST_MARKS-not slow}
+TEST_SHARDS=${TEST_SHARDS:-4}
+COMPARE_BUDGET_S=${COMPARE_BUDGET_S:-0}
+COMPARE_PRESET=${COMPARE_PRESET:-full}
 SEQ_LENS=${SEQ_LENS:-16384,4096}
 IMPLS=${IMPLS:-pallas,cudnn,jax_pallas_tuned,jax_pallas,xla}
 export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
@@ -17,12 +24,30 @@ echo "== 1. devices"
 nvidia-smi -L || true
 python -c 'import jax, flax; print("jax", jax.__version__, "flax", flax.__version__, jax.devices())'
 
-echo "== 2. kernel tests compiled for the GPU (the non-interpret mode of the CPU suite)"
-timeout "$TEST_BUDGET_S" python -m pytest -q --maxfail=3 -p no:cacheprovider tests/test_flash_gpu.py \
-  -k "$TEST_FILTER" -m "not slow" > "$OUT/gpu_tests.txt" 2>&1
-echo "tests exit: $?"
-tail -30 "$OUT/gpu_tests.txt"
+echo "== 2. kernel tests compiled for the GPU (the non-interpret mode of the CPU suite), $TEST_SHARDS processes"
+# Triton compilation is CPU-bound: split the collected tests over TEST_SHARDS pytest processes.
+python -m pytest -q --collect-only -p no:cacheprovider tests/test_flash_gpu.py -k "$TEST_FILTER" \
+  -m "$TEST_MARKS" 2>/dev/null | grep "::" > "$OUT/gpu_test_ids.txt"
+echo "$(wc -l < "$OUT/gpu_test_ids.txt") tests collected"
+for i in $(seq 0 $((TEST_SHARDS - 1))); do
+  awk -v n="$TEST_SHARDS" -v i="$i" 'NR % n == i' "$OUT/gpu_test_ids.txt" > "$OUT/gpu_test_ids_$i.txt"
+  timeout "$TEST_BUDGET_S" python -m pytest -q -p no:cacheprovider -rs $(cat "$OUT/gpu_test_ids_$i.txt") \
+    > "$OUT/gpu_tests_$i.txt" 2>&1 &
+done
+if [ "$COMPARE_BUDGET_S" -le 0 ]; then wait; fi
 
+if [ "$COMPARE_BUDGET_S" -gt 0 ]; then
+  echo "== 2b. experiments.compare --preset=$COMPARE_PRESET (budget ${COMPARE_BUDGET_S}s)"
+  timeout $((COMPARE_BUDGET_S + 120)) python -m experiments.compare --preset="$COMPARE_PRESET" \
+    --workdir="$OUT/compare" --budget_s="$COMPARE_BUDGET_S" > "$OUT/compare.log" 2>&1
+  echo "compare exit: $?"
+  grep -v "^W\|^I" "$OUT/compare.log" | tail -40
+fi
+wait
+echo "== 2c. compiled test results"
+for f in "$OUT"/gpu_tests_*.txt; do echo "-- $f"; grep -E "passed|failed|error|FAILED|ERROR|Timeout" "$f" | tail -8; done
+
+[ "$BENCH_BUDGET_S" -gt 0 ] || exit 0
 echo "== 3. benchmark (bf16, B=2 N=16 H=128; ours vs cuDNN vs jax's Pallas kernel vs XLA, same run)"
 timeout $((BENCH_BUDGET_S + 60)) python -m experiments.bench_kernels --budget_s="$BENCH_BUDGET_S" \
   --implementations="$IMPLS" --seq_lens="$SEQ_LENS" --repeats=5 --out="$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1

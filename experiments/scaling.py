@@ -37,6 +37,8 @@ flags.DEFINE_bool("causal", False, "Causal attention.")
 flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
 flags.DEFINE_float("max_dense_gb", 20.0, "Skip dense (T x S materialising) variants estimated above this.")
 flags.DEFINE_integer("timeout_s", 1800, "Per-measurement subprocess timeout.")
+flags.DEFINE_string("baseline", None, "Variant the relative (LRA Table 2 layout) table divides by; default: "
+                    "the first of --variants.")
 flags.DEFINE_string("out", "", "JSON output path (.md table and .png plot are written beside it).")
 flags.DEFINE_string("child", "", "Internal: run one measurement given as JSON and print the result.")
 
@@ -130,6 +132,43 @@ def markdown_table(results: list[dict]) -> str:
   return "\n".join(rows)
 
 
+def _ratio(x: float) -> str:
+  return f"{x:.0f}×" if x >= 10 else (f"{x:.2g}×" if x >= 0.01 else f"{x:.1g}×")
+
+
+def relative_table(results: list[dict], baseline: str | None = None) -> str:
+  """The LRA Table 2 layout: per mode, each variant's speed and memory relative to ``baseline`` per length.
+
+  Speed is baseline time / variant time (> 1: faster); memory is the variant's XLA compiled memory / the
+  baseline's (< 1: smaller). Where the baseline did not run (skipped as too large, or failed), the cell shows
+  the variant's absolute time and compiled memory instead. ``baseline`` defaults to the first variant measured.
+  """
+  if not results:
+    return ""
+  baseline = baseline or results[0]["variant"]
+  rows = []
+  for mode in dict.fromkeys(r["mode"] for r in results):
+    lens = sorted({r["seq_len"] for r in results if r["mode"] == mode})
+    get = {(r["variant"], r["seq_len"], r.get("devices", 1)): r for r in results
+           if r["mode"] == mode and r["status"] == "ok"}
+    rows += [f"**{mode}** — speed× / memory× relative to `{baseline}` (absolute s / MB where it did not run)", "",
+             "| variant | " + " | ".join(f"T={t}" for t in lens) + " |", "|---|" + "---:|" * len(lens)]
+    for variant, dev in dict.fromkeys((r["variant"], r.get("devices", 1)) for r in results if r["mode"] == mode):
+      cells = []
+      for t in lens:
+        r, b = get.get((variant, t, dev)), get.get((baseline, t, 1))
+        if r is None:
+          cells.append("–")
+        elif b is None or not b.get("compiled_memory_mb") or not r.get("compiled_memory_mb"):
+          cells.append(f"{r['time_s']:.3g} s / {r.get('compiled_memory_mb') or float('nan'):.0f} MB")
+        else:
+          cells.append(f"{_ratio(b['time_s'] / r['time_s'])} / {_ratio(r['compiled_memory_mb'] / b['compiled_memory_mb'])}")
+      name = variant if dev == 1 else f"{variant} ({dev} devices)"
+      rows.append(f"| {name} | " + " | ".join(cells) + " |")
+    rows.append("")
+  return "\n".join(rows)
+
+
 def plot(results: list[dict], path: str) -> None:
   import matplotlib
   matplotlib.use("Agg")
@@ -179,7 +218,7 @@ def main(argv):
                     heads=FLAGS.heads, head_dim=FLAGS.head_dim, dtype=FLAGS.dtype, causal=FLAGS.causal,
                     repeats=FLAGS.repeats, timeout_s=FLAGS.timeout_s, max_dense_gb=FLAGS.max_dense_gb,
                     devices=[int(d) for d in FLAGS.devices])
-  table = markdown_table(results)
+  table = markdown_table(results) + "\n\n" + relative_table(results, FLAGS.baseline)
   print(table)
   if FLAGS.out:
     import jax

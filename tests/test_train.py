@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments import compare, train
+from experiments import compare, tasks, train
 from experiments.models import TransformerLM
 
 
@@ -45,3 +45,24 @@ def test_compare_smoke(tmp_path):
   for name in ("results.json", "results.md", "accuracy_vs_length_mqar.png", "accuracy_vs_length_listops.png"):
     assert os.path.getsize(tmp_path / name) > 0
   assert "| mqar | 32 | softmax |" in open(tmp_path / "results.md").read()
+
+
+def test_compare_budget_lists_what_did_not_run(tmp_path):
+  results = compare.run_comparison("smoke", str(tmp_path), tasks=["mqar"], variant_names=["softmax", "linear_elu"],
+                                   budget_s=0.0)
+  assert results["runs"] == []
+  assert [(r["task"], r["variant"]) for r in results["not_run"]] == [("mqar", "softmax"), ("mqar", "linear_elu")]
+  saved = json.load(open(tmp_path / "results.json"))
+  assert saved["not_run"] == results["not_run"]
+  assert "Not run (time budget): mqar T=32 softmax, mqar T=32 linear_elu" in open(tmp_path / "results.md").read()
+
+
+def test_full_preset_task_instances_generate():
+  """The full preset's task settings are valid generators (ListOps at T=512 needs deeper trees than at 256)."""
+  for task, lens in compare.PRESETS["full"]["tasks"].items():
+    for seq_len in lens:
+      kwargs = compare.task_kwargs(task, seq_len, "full")
+      if task == "listops":
+        kwargs.update(num_train=64, num_test=16)
+      batch = tasks.make_task(task, **kwargs).batch(0, 0, 4)
+      assert batch["inputs"].shape == (4, seq_len), (task, seq_len, batch["inputs"].shape)
