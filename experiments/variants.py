@@ -11,8 +11,9 @@ scripts run whatever has landed.
   xla_local:W             dense XLA with a local window mask of W each side (what sparse local is compared to)
   linear_elu[@C], linear_relu[@C]  linear attention, elu+1 / relu features (optional causal chunk C)
   favor[:M[@C]]           Performer FAVOR+ with M random features (default 256), drawn once per head size
-  local:W, strided:S, fixed:L, bigbird:W  block-sparse patterns             (attention_jax.sparse);
-                          strided:sqrt / fixed:sqrt use l = round(sqrt(T)) per call
+  local:W, strided:S, fixed:L, bigbird:W[@B]  block-sparse patterns         (attention_jax.sparse);
+                          strided:sqrt / fixed:sqrt use l = round(sqrt(T)) per call; bigbird:W@B uses blocks of B
+                          (default: 128, or a quarter of a short sequence)
   ring[:IMPL]             ring attention, sequence sharded over every device (attention_jax.ring);
                           IMPL = per-shard compute, blockwise or pallas (default: by platform)
 """
@@ -99,6 +100,9 @@ def make_attention(spec: str, *, seed: int = 0, block_size: int | None = None) -
     return favor
   if name in ("local", "strided", "fixed", "bigbird"):
     from attention_jax import sparse
+    if name == "bigbird" and arg and "@" in arg:
+      arg, _, b = arg.partition("@")
+      block_size = block_size or int(b)
     bs = block_size or 128
     if name == "local":
       pattern = sparse.LocalPattern(int(arg or 256))

@@ -66,3 +66,19 @@ def test_full_preset_task_instances_generate():
         kwargs.update(num_train=64, num_test=16)
       batch = tasks.make_task(task, **kwargs).batch(0, 0, 4)
       assert batch["inputs"].shape == (4, seq_len), (task, seq_len, batch["inputs"].shape)
+
+
+def test_compare_bigbird_spec_is_sparse_at_the_compared_lengths():
+  """The BigBird spec compare.py trains must leave most key blocks out (quarter-length blocks would be dense)."""
+  from attention_jax import sparse
+  from experiments import variants
+  for seq_len in (128, 256, 512):
+    spec = compare._variant_spec("bigbird", seq_len)
+    name, arg = variants.parse(spec)
+    window, block = (int(x) for x in arg.split("@"))
+    pattern = sparse.BigBirdPattern(window_blocks=window, global_blocks=1, random_blocks=2, seed=0, block=block)
+    density = float(np.asarray(pattern.dense_mask(seq_len, seq_len)).mean())
+    assert density < 0.5, (spec, density)
+  fn = variants.make_attention(compare._variant_spec("bigbird", 128))
+  q = jnp.ones((1, 128, 2, 8))
+  assert fn(q, q, q, is_causal=True).shape == q.shape
