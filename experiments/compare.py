@@ -95,8 +95,8 @@ def _variant_spec(variant: str, seq_len: int) -> str:
     return f"local:{max(seq_len // 8, 4)}"
   if name in ("strided", "fixed"):
     return f"{name}:{max(int(seq_len ** 0.5), 4)}"
-  # BigBird needs many blocks to be sparse: 1 window block each side + 1 global + 2 random of 16 blocks
-  # (with the default quarter-length blocks these would cover every block, i.e. dense attention).
+  # BigBird needs many blocks to be sparse: its own block + 1 global + 2 random of 16 blocks (with the default
+  # quarter-length blocks these 4 would be every block, i.e. dense attention).
   return f"bigbird:1@{max(seq_len // 16, 8)}"
 
 
