@@ -25,21 +25,27 @@ import warnings
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("implementations", ["pallas", "cudnn", "xla", "jax_pallas", "jax_pallas_tuned"],
-                  "What to benchmark.")
-flags.DEFINE_list("seq_lens", ["4096", "16384"], "T (= S).")
-flags.DEFINE_list("causal", ["false", "true"], "Causal settings to run.")
-flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-flags.DEFINE_integer("batch", 2, "B")
-flags.DEFINE_integer("heads", 16, "N (= K)")
-flags.DEFINE_integer("head_dim", 128, "H")
-flags.DEFINE_string("dtype", "bfloat16", "Input dtype.")
-flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
-flags.DEFINE_string("block_sizes", "", "Override ours: 'bq,bk,bq_dkv,bk_dkv,bq_dq,bk_dq[,wf,sf,wb,sb]'.")
-flags.DEFINE_bool("sweep", False, "Benchmark 'pallas' over SWEEP_BLOCKS instead of its default blocks.")
-flags.DEFINE_float("budget_s", 0, "Stop starting new measurements after this many seconds (0: no limit).")
-flags.DEFINE_string("out", "", "Write results as JSON here.")
-flags.DEFINE_string("summarize", "", "Print the table of an existing JSON file and exit.")
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a script, so that importing this module never clashes
+  with another experiment's flags of the same name)."""
+  flags.DEFINE_list("implementations", ["pallas", "cudnn", "xla", "jax_pallas", "jax_pallas_tuned"],
+                    "What to benchmark.")
+  flags.DEFINE_list("seq_lens", ["4096", "16384"], "T (= S).")
+  flags.DEFINE_list("causal", ["false", "true"], "Causal settings to run.")
+  flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
+  flags.DEFINE_integer("batch", 2, "B")
+  flags.DEFINE_integer("heads", 16, "N (= K)")
+  flags.DEFINE_integer("head_dim", 128, "H")
+  flags.DEFINE_string("dtype", "bfloat16", "Input dtype.")
+  flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
+  flags.DEFINE_string("block_sizes", "", "Override ours: 'bq,bk,bq_dkv,bk_dkv,bq_dq,bk_dq[,wf,sf,wb,sb]'.")
+  flags.DEFINE_bool("sweep", False, "Benchmark 'pallas' over SWEEP_BLOCKS instead of its default blocks.")
+  flags.DEFINE_float("budget_s", 0, "Stop starting new measurements after this many seconds (0: no limit).")
+  flags.DEFINE_string("out", "", "Write results as JSON here.")
+  flags.DEFINE_string("summarize", "", "Print the table of an existing JSON file and exit.")
+
 
 # Candidate tiles for --sweep (forward tile, backward tiles, warps/stages), around the GPU.md tuned settings.
 SWEEP_BLOCKS = [
@@ -173,4 +179,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -24,15 +24,20 @@ from absl import app, flags, logging
 from experiments import train, variants
 
 FLAGS = flags.FLAGS
-flags.DEFINE_enum("preset", "default", ["smoke", "default", "full"], "Size of the comparison.")
-flags.DEFINE_list("tasks", None, "Tasks to run (default: the preset's).")
-flags.DEFINE_list("variants", None, "Attention variants (default: every available one in the preset).")
-flags.DEFINE_list("seq_lens", None, "Sequence lengths (default: the preset's, per task).")
-flags.DEFINE_integer("steps", None, "Training steps per run (default: the preset's).")
-flags.DEFINE_list("seeds", None, "Seeds (default: the preset's).")
-flags.DEFINE_string("workdir", "/tmp/attention_jax_compare", "Where results, tables, plots and run logs go.")
-flags.DEFINE_float("budget_s", None, "Start no new run after this many seconds (the rest are listed as not run); "
-                   "results are rewritten after every run, so an interrupted grid keeps what finished.")
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a script, so that importing this module never clashes
+  with another experiment's flags of the same name)."""
+  flags.DEFINE_enum("preset", "default", ["smoke", "default", "full"], "Size of the comparison.")
+  flags.DEFINE_list("tasks", None, "Tasks to run (default: the preset's).")
+  flags.DEFINE_list("variants", None, "Attention variants (default: every available one in the preset).")
+  flags.DEFINE_list("seq_lens", None, "Sequence lengths (default: the preset's, per task).")
+  flags.DEFINE_integer("steps", None, "Training steps per run (default: the preset's).")
+  flags.DEFINE_list("seeds", None, "Seeds (default: the preset's).")
+  flags.DEFINE_string("workdir", "/tmp/attention_jax_compare", "Where results, tables, plots and run logs go.")
+  flags.DEFINE_float("budget_s", None, "Start no new run after this many seconds (the rest are listed as not run); "
+                     "results are rewritten after every run, so an interrupted grid keeps what finished.")
 
 
 def task_kwargs(task: str, seq_len: int, preset: str) -> dict:
@@ -224,4 +229,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

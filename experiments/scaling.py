@@ -25,22 +25,28 @@ from typing import Callable
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("variants", ["xla", "blockwise"], "Attention variants to measure (see VARIANTS).")
-flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths T (= S).")
-flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-flags.DEFINE_integer("batch", 1, "B")
-flags.DEFINE_list("devices", ["1"], "Virtual CPU device counts to run each measurement with (ring attention).")
-flags.DEFINE_integer("heads", 1, "N (= K)")
-flags.DEFINE_integer("head_dim", 64, "H")
-flags.DEFINE_string("dtype", "float32", "Input dtype.")
-flags.DEFINE_bool("causal", False, "Causal attention.")
-flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
-flags.DEFINE_float("max_dense_gb", 20.0, "Skip dense (T x S materialising) variants estimated above this.")
-flags.DEFINE_integer("timeout_s", 1800, "Per-measurement subprocess timeout.")
-flags.DEFINE_string("baseline", None, "Variant the relative (LRA Table 2 layout) table divides by; default: "
-                    "the first of --variants.")
-flags.DEFINE_string("out", "", "JSON output path (.md table and .png plot are written beside it).")
-flags.DEFINE_string("child", "", "Internal: run one measurement given as JSON and print the result.")
+
+
+def define_flags() -> None:
+  """Defines the command-line flags (only when run as a script, so that importing this module never clashes
+  with another experiment's flags of the same name)."""
+  flags.DEFINE_list("variants", ["xla", "blockwise"], "Attention variants to measure (see VARIANTS).")
+  flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths T (= S).")
+  flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
+  flags.DEFINE_integer("batch", 1, "B")
+  flags.DEFINE_list("devices", ["1"], "Virtual CPU device counts to run each measurement with (ring attention).")
+  flags.DEFINE_integer("heads", 1, "N (= K)")
+  flags.DEFINE_integer("head_dim", 64, "H")
+  flags.DEFINE_string("dtype", "float32", "Input dtype.")
+  flags.DEFINE_bool("causal", False, "Causal attention.")
+  flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
+  flags.DEFINE_float("max_dense_gb", 20.0, "Skip dense (T x S materialising) variants estimated above this.")
+  flags.DEFINE_integer("timeout_s", 1800, "Per-measurement subprocess timeout.")
+  flags.DEFINE_string("baseline", None, "Variant the relative (LRA Table 2 layout) table divides by; default: "
+                      "the first of --variants.")
+  flags.DEFINE_string("out", "", "JSON output path (.md table and .png plot are written beside it).")
+  flags.DEFINE_string("child", "", "Internal: run one measurement given as JSON and print the result.")
+
 
 def _attention_fn(variant: str, causal: bool) -> Callable:
   from experiments import variants
@@ -234,4 +240,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

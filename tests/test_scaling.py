@@ -42,3 +42,10 @@ def test_markdown_table_shows_failures():
   table = scaling.markdown_table(rows)
   assert "| xla | fwd_bwd | 64 | 1 | 0.100 | 100 | 50 | 1.0 | ok |" in table
   assert "| ring | fwd_bwd | 64 | 1 | – | – | – | – | failed (exit -6): abort |" in table
+
+
+def test_experiment_scripts_import_together():
+  """Scripts define their absl flags only when run, so importing several in one process does not clash."""
+  import importlib
+  for name in ("compare", "scaling", "bench_kernels", "analyze_heads", "seq2seq_alignment"):
+    importlib.import_module(f"experiments.{name}")
