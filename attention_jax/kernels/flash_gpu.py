@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention_jax import _tiling, core
+from attention_jax.kernels._common import flash_custom_vjp
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -358,23 +359,8 @@ def _backward(cfg: _Config, q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse, d_o
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, aux):
-  return _forward(cfg, q, k, v, *aux)
-
-
-def _flash_fwd(cfg, q, k, v, aux):
-  out, lse = _forward(cfg, q, k, v, *aux)
-  return (out, lse), (q, k, v, aux, out, lse)
-
-
-def _flash_bwd(cfg, res, cts):
-  q, k, v, aux, out, lse = res
-  dq, dk, dv = _backward(cfg, q, k, v, *aux, out, lse, *cts)
-  return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# (out, lse) with a recomputing backward: saves q, k, v, aux, out and lse only.
+_flash = flash_custom_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------------

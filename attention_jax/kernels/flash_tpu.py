@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attention_jax import _tiling, core
+from attention_jax.kernels._common import flash_custom_vjp
 
 LANES = 128      # TPU vector register: 8 sublanes x 128 lanes
 SUBLANES = 8
@@ -430,23 +431,8 @@ def _backward(cfg: _Config, q, k, v, q_len, kv_len, seg, out, lse, d_out, d_lse)
   return dq, dk, dv
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _flash(cfg: _Config, q, k, v, aux):
-  return _forward(cfg, q, k, v, *aux)
-
-
-def _flash_fwd(cfg, q, k, v, aux):
-  out, lse = _forward(cfg, q, k, v, *aux)
-  return (out, lse), (q, k, v, aux, out, lse)
-
-
-def _flash_bwd(cfg, res, cts):
-  q, k, v, aux, out, lse = res
-  dq, dk, dv = _backward(cfg, q, k, v, *aux, out, lse, *cts)
-  return dq, dk, dv, None
-
-
-_flash.defvjp(_flash_fwd, _flash_bwd)
+# (out, lse) with a recomputing backward: saves q, k, v, aux, out and lse only.
+_flash = flash_custom_vjp(_forward, _backward)
 
 
 # ----------------------------------------------------------------------------------------------------------
