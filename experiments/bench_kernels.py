@@ -2,7 +2,8 @@
 
 FLOPs are counted as 4*B*N*T*S*H for the forward (half when causal) and 3.5x that for forward+backward
 (../shared/GPU.md). Times are medians of ``--repeats`` runs after a compile/warm-up run, with
-``block_until_ready``. Memory is XLA's own accounting of the compiled function (arguments + outputs + temporaries,
+``block_until_ready``; each timed run issues enough back-to-back calls to last ~20 ms and divides by their number
+(``inner`` in the JSON), so that dispatch latency does not inflate sub-millisecond kernels. Memory is XLA's own accounting of the compiled function (arguments + outputs + temporaries,
 ``Compiled.memory_analysis()``), which is per function and does not depend on what ran before.
 
   python -m experiments.bench_kernels --out=/tmp/bench.json                       # GPU defaults
@@ -10,14 +11,17 @@ FLOPs are counted as 4*B*N*T*S*H for the forward (half when causal) and 3.5x tha
   python -m experiments.bench_kernels --implementations=pallas_tpu                 # on a TPU
   python -m experiments.bench_kernels --summarize=/tmp/bench.json                  # table from a JSON file
 
-Implementations: ours ("pallas", "pallas_tpu", "blockwise", "reference"), jax.nn ("xla", "cudnn"), and jax's
+Implementations: ours ("pallas", "pallas_longest_first" -- the same blocks launched heaviest-first under a causal
+mask, "pallas_tpu", "blockwise", "reference"), jax.nn ("xla", "cudnn"), and jax's
 bundled Triton Pallas kernel where importable ("jax_pallas" with its default blocks, "jax_pallas_tuned" with the
 blocks GPU.md lists). One that cannot run here is recorded with the reason and the run goes on.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 import statistics
 import time
 import warnings
@@ -40,6 +44,7 @@ def define_flags() -> None:
   flags.DEFINE_integer("head_dim", 128, "H")
   flags.DEFINE_string("dtype", "bfloat16", "Input dtype.")
   flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
+  flags.DEFINE_integer("inner", 0, "Back-to-back calls per timed repeat (0: enough for ~20 ms).")
   flags.DEFINE_string("block_sizes", "", "Override ours: 'bq,bk,bq_dkv,bk_dkv,bq_dq,bk_dq[,wf,sf,wb,sb]'.")
   flags.DEFINE_bool("sweep", False, "Benchmark 'pallas' over SWEEP_BLOCKS instead of its default blocks.")
   flags.DEFINE_float("budget_s", 0, "Stop starting new measurements after this many seconds (0: no limit).")
@@ -58,6 +63,10 @@ SWEEP_BLOCKS = [
 ]
 
 
+MIN_REPEAT_S = 0.02   # each timed repeat runs back-to-back calls for at least this long
+MAX_INNER = 100
+
+
 def flops(B, N, T, S, H, causal: bool, mode: str) -> float:
   f = 4.0 * B * N * T * S * H * (0.5 if causal else 1.0)
   return f * (3.5 if mode == "fwd_bwd" else 1.0)
@@ -74,9 +83,15 @@ def attention_fn(impl: str, causal: bool, blocks=None):
   """(q, k, v) -> out for one implementation, or raises with the reason it cannot run."""
   import jax
   import attention_jax as aj
-  if impl == "pallas":
+  if impl in ("pallas", "pallas_longest_first"):
     from attention_jax.kernels import flash_gpu
-    return lambda q, k, v: flash_gpu.flash_attention(q, k, v, is_causal=causal, block_sizes=blocks)
+
+    def fn(q, k, v):
+      b = blocks or flash_gpu.BlockSizes.get_default(q.shape[-1], q.dtype)
+      if impl == "pallas_longest_first":
+        b = dataclasses.replace(b, longest_first=True)
+      return flash_gpu.flash_attention(q, k, v, is_causal=causal, block_sizes=b)
+    return fn
   if impl in ("pallas_tpu", "blockwise", "reference"):
     return lambda q, k, v: aj.dot_product_attention(q, k, v, is_causal=causal, implementation=impl)
   if impl in ("xla", "cudnn"):
@@ -93,11 +108,14 @@ def attention_fn(impl: str, causal: bool, blocks=None):
   raise ValueError(f"unknown implementation {impl!r}")
 
 
-def bench_one(impl, T, causal, mode, *, B, N, H, dtype, repeats, blocks=None, label=None) -> dict:
+def bench_one(impl, T, causal, mode, *, B, N, H, dtype, repeats, blocks=None, label=None, inner=0) -> dict:
+  """One measurement record; ``inner`` calls per timed repeat (0: enough for ~MIN_REPEAT_S of device time)."""
   import jax
   import jax.numpy as jnp
   import numpy as np
   rec = dict(implementation=label or impl, T=T, causal=causal, mode=mode, B=B, N=N, H=H, dtype=dtype)
+  if blocks is not None:
+    rec["blocks"] = list(dataclasses.astuple(blocks))
   try:
     fn = attention_fn(impl, causal, blocks)
     keys = jax.random.split(jax.random.key(0), 4)
@@ -112,12 +130,21 @@ def bench_one(impl, T, causal, mode, *, B, N, H, dtype, repeats, blocks=None, la
       rec["memory_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
                           - getattr(mem, "alias_size_in_bytes", 0)) / 2**20
       rec["temp_mb"] = mem.temp_size_in_bytes / 2**20
+    jax.block_until_ready(compiled(q, k, v))                 # warm-up (and any lazy kernel compilation)
+    t0 = time.perf_counter()
     jax.block_until_ready(compiled(q, k, v))
+    once = time.perf_counter() - t0
+    # Back-to-back calls per timed repeat, so that a short kernel's time is not dominated by the host's
+    # dispatch and synchronisation latency (the calls queue on the device and run in order).
+    inner = inner or max(1, min(MAX_INNER, math.ceil(MIN_REPEAT_S / max(once, 1e-6))))
     times = []
     for _ in range(repeats):
       t0 = time.perf_counter()
+      for _ in range(inner - 1):
+        compiled(q, k, v)
       jax.block_until_ready(compiled(q, k, v))
-      times.append(time.perf_counter() - t0)
+      times.append((time.perf_counter() - t0) / inner)
+    rec["inner"] = inner
     rec["time_ms"] = statistics.median(times) * 1e3
     rec["tflops"] = flops(B, N, T, T, H, causal, mode) / statistics.median(times) / 1e12
     rec["status"] = "ok"
@@ -164,7 +191,7 @@ def main(argv):
             results.append(dict(implementation=label, T=T, causal=causal, mode=mode, status="skipped: budget"))
             continue
           r = bench_one(impl, T, causal, mode, B=FLAGS.batch, N=FLAGS.heads, H=FLAGS.head_dim, dtype=FLAGS.dtype,
-                        repeats=FLAGS.repeats, blocks=blocks, label=label)
+                        repeats=FLAGS.repeats, blocks=blocks, label=label, inner=FLAGS.inner)
           print(f"{label:28s} T={T:6d} causal={causal!s:5s} {mode:8s} " +
                 (f"{r['tflops']:7.1f} TFLOP/s {r['time_ms']:9.2f} ms" if r["status"] == "ok" else r["status"]),
                 flush=True)

@@ -5,7 +5,8 @@
 # compiled tests (default: all of FlashCompiledTest's CI subset; TEST_SHARDS parallel pytest processes, concurrent
 # with the compare step when it runs) and TEST_MARKS their marks ("" for slow ones too),
 # SEQ_LENS / IMPLS the benchmark grid (BENCH_BUDGET_S=0 skips it); COMPARE_BUDGET_S > 0 also runs
-# `experiments.compare --preset=$COMPARE_PRESET` on the GPU with that budget (results under $OUT/compare).
+# `experiments.compare --preset=$COMPARE_PRESET` on the GPU with that budget (results under $OUT/compare);
+# TUNE_BUDGET_S > 0 runs experiments/tune_blocks.py last (TUNE_HEAD_DIMS x TUNE_DTYPES; rows under $OUT/tune.json).
 set -uo pipefail
 OUT=${OUT:-/tmp}
 TEST_BUDGET_S=${TEST_BUDGET_S:-200}
@@ -16,7 +17,10 @@ TEST_SHARDS=${TEST_SHARDS:-4}
 COMPARE_BUDGET_S=${COMPARE_BUDGET_S:-0}
 COMPARE_PRESET=${COMPARE_PRESET:-full}
 SEQ_LENS=${SEQ_LENS:-16384,4096}
-IMPLS=${IMPLS:-pallas,cudnn,jax_pallas_tuned,jax_pallas,xla}
+TUNE_BUDGET_S=${TUNE_BUDGET_S:-0}
+TUNE_HEAD_DIMS=${TUNE_HEAD_DIMS:-128,64,256,32}
+TUNE_DTYPES=${TUNE_DTYPES:-bfloat16,float32}
+IMPLS=${IMPLS:-pallas,pallas_longest_first,cudnn,jax_pallas_tuned,jax_pallas,xla}
 export PYTHONPATH=$PWD XLA_PYTHON_CLIENT_PREALLOCATE=false
 mkdir -p "$OUT"
 
@@ -47,9 +51,18 @@ wait
 echo "== 2c. compiled test results"
 for f in "$OUT"/gpu_tests_*.txt; do echo "-- $f"; grep -E "passed|failed|error|FAILED|ERROR|Timeout" "$f" | tail -8; done
 
-[ "$BENCH_BUDGET_S" -gt 0 ] || exit 0
-echo "== 3. benchmark (bf16, B=2 N=16 H=128; ours vs cuDNN vs jax's Pallas kernel vs XLA, same run)"
-timeout $((BENCH_BUDGET_S + 60)) python -m experiments.bench_kernels --budget_s="$BENCH_BUDGET_S" \
-  --implementations="$IMPLS" --seq_lens="$SEQ_LENS" --repeats=5 --out="$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
-echo "bench exit: $?"
-grep -v "^W\|^I" "$OUT/bench_gpu.log" | tail -45
+if [ "$BENCH_BUDGET_S" -gt 0 ]; then
+  echo "== 3. benchmark (bf16, B=2 N=16 H=128; ours vs cuDNN vs jax's Pallas kernel vs XLA, same run)"
+  timeout $((BENCH_BUDGET_S + 60)) python -m experiments.bench_kernels --budget_s="$BENCH_BUDGET_S" \
+    --implementations="$IMPLS" --seq_lens="$SEQ_LENS" --repeats=5 --out="$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
+  echo "bench exit: $?"
+  grep -v "^W\|^I" "$OUT/bench_gpu.log" | tail -45
+fi
+
+if [ "$TUNE_BUDGET_S" -gt 0 ]; then
+  echo "== 4. block-size tuning (experiments/tune_blocks.py: H=$TUNE_HEAD_DIMS, $TUNE_DTYPES; rows for the table)"
+  timeout $((TUNE_BUDGET_S + 90)) python -m experiments.tune_blocks --budget_s="$TUNE_BUDGET_S" \
+    --head_dims="$TUNE_HEAD_DIMS" --dtypes="$TUNE_DTYPES" --out="$OUT/tune.json" > "$OUT/tune.log" 2>&1
+  echo "tune exit: $?"
+  grep -v "^W\|^I" "$OUT/tune.log" | grep -v "^H=" | head -12
+fi

@@ -4,6 +4,8 @@
 same suite compiled, and is skipped unless a GPU is the default backend (experiments/gpu_check.sh runs it).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -56,6 +58,13 @@ class FlashInterpretTest(AttentionSuite):
     q, k, v, opts = make_inputs(case, jnp.float32)
     got = flash_gpu.flash_attention(q, k, v, interpret=self.INTERPRET, **opts)
     assert_close(got, flash_gpu.flash_attention_reference(q, k, v, **opts))
+
+  @parameterized.named_parameters(("causal_gqa", "t333_s200_causal_gqa"), ("window_causal", "window_causal"),
+                                  ("not_causal", "t200_s333_gqa"))
+  def test_longest_first(self, name):
+    """Reversed query-block launch order (forward and dQ grids) computes the same function."""
+    self.BLOCKS = dataclasses.replace(self.BLOCKS, longest_first=True)
+    self.check_case(CASES[name], jnp.float32)
 
   def test_vmap_and_jit(self):
     q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)

@@ -36,7 +36,13 @@ LN2 = math.log(2.0)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes (powers of two, >= 16) and Triton launch parameters of the three kernels."""
+  """Tile sizes (powers of two, >= 16) and Triton launch parameters of the three kernels.
+
+  ``longest_first``: under a causal mask, launch the forward and dQ programs of the last query blocks (which see
+  the most key blocks) first, so that the grid does not end on its heaviest programs (FlashAttention-2's
+  ordering; the dK/dV grid already starts with its heaviest key blocks). Off by default until measured
+  (``experiments/tune_blocks.py --causal`` and ``bench_kernels --implementations=pallas,pallas_longest_first``).
+  """
   block_q: int = 128
   block_k: int = 64
   block_q_dkv: int = 64
@@ -47,6 +53,7 @@ class BlockSizes:
   num_stages_fwd: int = 2
   num_warps_bwd: int = 4
   num_stages_bwd: int = 2
+  longest_first: bool = False
 
   def __post_init__(self):
     for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
@@ -61,7 +68,8 @@ class BlockSizes:
     The bf16, H = 128 row (forward 128 x 64, 4 warps, 2 stages; backward 64 x 64, 4 warps) was the best of six
     forward configurations measured on an H200 at T = 16384 (docs/BENCHMARKS.md: 449 TFLOP/s forward, 383
     fwd+bwd). The other rows are unmeasured: they scale the tiles so that a tile's shared memory stays similar.
-    ``python -m experiments.bench_kernels --implementations=pallas --sweep`` measures candidates.
+    ``python -m experiments.tune_blocks`` measures candidates per head dim and dtype and prints rows for this
+    table (``TUNE_BUDGET_S=... bash experiments/gpu_check.sh`` on the GPU machine).
     """
     h = max(16, pl.next_power_of_2(head_dim))
     wide = jnp.dtype(dtype).itemsize >= 4
@@ -157,6 +165,13 @@ def _split_loops(cfg: _Config, lo, hi, u_lo, u_hi, masked_body, unmasked_body, c
   return lax.fori_loop(u_hi, hi, masked_body, carry)
 
 
+def _q_block(cfg: _Config, i, bq: int):
+  """The query block that grid index ``i`` computes (reversed under a causal mask with ``longest_first``)."""
+  if cfg.is_causal and cfg.blocks.longest_first:
+    return cfg.Tp // bq - 1 - i
+  return i
+
+
 def _kv_range(cfg: _Config, q0, bq: int, bk: int, q_len, kv_limit):
   lo, hi = _tiling.kv_block_range(q0, bq, bk, kv_len=kv_limit, is_causal=cfg.is_causal, window=cfg.window,
                                   q_limit=q_len)
@@ -173,7 +188,7 @@ def _kv_range(cfg: _Config, q0, bq: int, bk: int, q_len, kv_limit):
 def _fwd_kernel(q_ref, k_ref, v_ref, q_len_ref, kv_len_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
                 cfg: _Config):
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
-  q0 = pl.program_id(0) * bq
+  q0 = _q_block(cfg, pl.program_id(0), bq) * bq
   q = q_ref[...]
   q_len = q_len_ref[()] if cfg.has_q_len else None
   kv_limit = _kv_limit(cfg, kv_len_ref)
@@ -209,13 +224,14 @@ def _fwd_kernel(q_ref, k_ref, v_ref, q_len_ref, kv_len_ref, q_seg_ref, kv_seg_re
 def _specs_q(cfg: _Config, bq: int, hp: int):
   """BlockSpecs of a program over (query block i, batch b, query head n)."""
   G = cfg.groups
+  qb = lambda i: _q_block(cfg, i, bq)
   return dict(
-      q=pl.BlockSpec((None, bq, None, hp), lambda i, b, n: (b, i, n, 0)),
+      q=pl.BlockSpec((None, bq, None, hp), lambda i, b, n: (b, qb(i), n, 0)),
       kv=pl.BlockSpec((None, cfg.Sp, None, hp), lambda i, b, n: (b, 0, n // G, 0)),
       scalar=pl.BlockSpec((None,), lambda i, b, n: (b,)),
-      q_seg=pl.BlockSpec((None, bq), lambda i, b, n: (b, i)),
+      q_seg=pl.BlockSpec((None, bq), lambda i, b, n: (b, qb(i))),
       kv_seg=pl.BlockSpec((None, cfg.Sp), lambda i, b, n: (b, 0)),
-      row=pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, i)),
+      row=pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, qb(i))),
   )
 
 
@@ -288,7 +304,7 @@ def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, q_len_ref, kv
 def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, q_len_ref, kv_len_ref, q_seg_ref, kv_seg_ref,
                dq_ref, *, cfg: _Config):
   bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
-  q0 = pl.program_id(0) * bq
+  q0 = _q_block(cfg, pl.program_id(0), bq) * bq
   q, do = q_ref[...], do_ref[...]
   lse2, delta = lse2_ref[...], delta_ref[...]
   q_len = q_len_ref[()] if cfg.has_q_len else None
