@@ -2,6 +2,8 @@
 
 ``FlashInterpretTest`` runs the kernels in Pallas interpret mode (CPU CI); ``FlashCompiledTest`` reruns the
 same suite compiled, and is skipped unless a GPU is the default backend (experiments/gpu_check.sh runs it).
+``FlashTritonLoweringTest`` lowers every case and every block-size table row to Triton IR for an abstract H100 on
+any machine, so a kernel change that Triton cannot lower fails in CPU CI rather than on the next GPU lease.
 """
 
 import dataclasses
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 import attention_jax as aj
 from attention_jax.kernels import flash_gpu
@@ -76,6 +79,40 @@ class FlashInterpretTest(AttentionSuite):
 
 class FlashCompiledTest(FlashInterpretTest):
   INTERPRET = False
+
+
+def lower_for_cuda(fn, *args) -> str:
+  """StableHLO of ``fn`` lowered for CUDA without a GPU: Pallas generates each kernel's Triton IR for an abstract
+  H100 (PTX compilation is the part that still needs the GPU)."""
+  dev = AbstractDevice(device_kind="NVIDIA H100 80GB HBM3", num_cores=132, platform="gpu")
+  with use_abstract_mesh(AbstractMesh((1,), ("x",), abstract_device=dev)):
+    return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+
+def triton_calls(q, k, v, opts, blocks) -> int:
+  """Triton custom calls in the lowered forward + backward (3: forward, dK/dV, dQ)."""
+  def loss(q, k, v):
+    out = flash_gpu.flash_attention(q, k, v, block_sizes=blocks, interpret=False, **opts)
+    return out.astype(jnp.float32).sum()
+  return lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v).count("stablehlo.custom_call @__gpu$xla.gpu.triton")
+
+
+class FlashTritonLoweringTest(parameterized.TestCase):
+  """Every case, and every row of the block-size table, lowers to Triton on a machine without a GPU."""
+
+  @parameterized.named_parameters(*((n, n) for n in CASES))
+  def test_case_lowers(self, name):
+    dtype = jnp.bfloat16 if name in LOW_PRECISION_CASES else jnp.float32
+    q, k, v, opts = make_inputs(CASES[name], dtype)
+    self.assertEqual(triton_calls(q, k, v, opts, dataclasses.replace(SMALL_BLOCKS, longest_first=True)), 3)
+
+  def test_table_rows_lower(self):
+    for (h, wide), blocks in flash_gpu._DEFAULT_BLOCKS.items():
+      for dtype in ((jnp.float32,) if wide else (jnp.bfloat16, jnp.float16)):
+        q = jnp.zeros((1, 1024, 4, h), dtype)
+        k = jnp.zeros((1, 1024, 2, h), dtype)
+        with self.subTest(h=h, dtype=jnp.dtype(dtype).name):
+          self.assertEqual(triton_calls(q, k, k, dict(is_causal=True), blocks), 3)
 
 
 class FlashApiTest(parameterized.TestCase):
