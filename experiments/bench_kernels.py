@@ -3,8 +3,9 @@
 FLOPs are counted as 4*B*N*T*S*H for the forward (half when causal) and 3.5x that for forward+backward
 (../shared/GPU.md). Times are medians of ``--repeats`` runs after a compile/warm-up run, with
 ``block_until_ready``; each timed run issues enough back-to-back calls to last ~20 ms and divides by their number
-(``inner`` in the JSON), so that dispatch latency does not inflate sub-millisecond kernels. Memory is XLA's own accounting of the compiled function (arguments + outputs + temporaries,
-``Compiled.memory_analysis()``), which is per function and does not depend on what ran before.
+(``inner`` in the JSON), so that dispatch latency does not inflate sub-millisecond kernels. Memory is XLA's own
+accounting of the compiled function (arguments + outputs + temporaries, ``Compiled.memory_analysis()``), which is
+per function and does not depend on what ran before.
 
   python -m experiments.bench_kernels --out=/tmp/bench.json                       # GPU defaults
   python -m experiments.bench_kernels --implementations=pallas --sweep --seq_lens=16384   # block-size sweep

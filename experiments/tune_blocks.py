@@ -28,6 +28,7 @@ from typing import Callable
 
 from absl import app, flags
 
+from attention_jax.kernels import flash_gpu
 from experiments import bench_kernels
 
 FLAGS = flags.FLAGS
@@ -63,7 +64,7 @@ def define_flags() -> None:
 
 def fits(b, head_dim: int, itemsize: int) -> bool:
   """Rough resource estimate of the three kernels' tiles (heuristic, to skip hopeless candidates)."""
-  hp = max(16, 1 << (head_dim - 1).bit_length())
+  hp = flash_gpu.padded_head_dim(head_dim)
   per_thread = lambda values, warps: values / (32 * warps)
   fwd = (per_thread(b.block_q * hp + b.block_q * b.block_k, b.num_warps_fwd),
          (b.block_q * hp + 2 * b.block_k * hp * b.num_stages_fwd) * itemsize)
@@ -106,13 +107,14 @@ def best(records: list[dict]):
   return max(ok, key=lambda r: r["tflops"]) if ok else None
 
 
-def table_row(group: dict) -> str:
-  """One ``_DEFAULT_BLOCKS`` line for a tuned group, with what was measured."""
-  *tiles, longest_first = group["chosen"]
-  vals = ", ".join(map(str, tiles)) + (", longest_first=True" if longest_first else "")
-  return (f"    ({group['padded_head_dim']}, {group['wide']}): BlockSizes({vals}),  # fwd {group['fwd_tflops']:.1f}, "
-          f"fwd+bwd {group['fwd_bwd_tflops']:.1f} TFLOP/s ({group['device_kind']}, T={group['T']}, "
-          f"{group['dtype']})")
+def table_row(group: dict, device_kind: str) -> str:
+  """One ``_DEFAULT_BLOCKS`` line for a tuned group, with what was measured on ``device_kind``."""
+  b = flash_gpu.BlockSizes(*group["chosen"])
+  vals = ", ".join(str(getattr(b, f.name)) for f in dataclasses.fields(b) if f.name != "longest_first")
+  vals += ", longest_first=True" if b.longest_first else ""
+  h, wide = flash_gpu.BlockSizes.table_key(group["head_dim"], group["dtype"])
+  return (f"    ({h}, {wide}): BlockSizes({vals}),  # fwd {group['fwd_tflops']:.1f}, "
+          f"fwd+bwd {group['fwd_bwd_tflops']:.1f} TFLOP/s ({device_kind}, T={group['T']}, {group['dtype']})")
 
 
 def tune_group(head_dim: int, dtype: str, *, T: int, B: int, N: int, causal: bool, max_candidates: int,
@@ -123,11 +125,9 @@ def tune_group(head_dim: int, dtype: str, *, T: int, B: int, N: int, causal: boo
   The forward stage may use the first ``FWD_SHARE`` of ``budget_s``, the backward stage what is left.
   """
   import jax.numpy as jnp
-  from attention_jax.kernels import flash_gpu
   itemsize = jnp.dtype(dtype).itemsize
   base = flash_gpu.BlockSizes.get_default(head_dim, dtype)
-  group = dict(head_dim=head_dim, padded_head_dim=min(256, max(16, 1 << (head_dim - 1).bit_length())),
-               wide=itemsize >= 4, dtype=dtype, T=T, B=B, N=N, causal=causal, default=list(dataclasses.astuple(base)),
+  group = dict(head_dim=head_dim, dtype=dtype, T=T, B=B, N=N, causal=causal, default=list(dataclasses.astuple(base)),
                records=[])
 
   start = time.time()
@@ -164,8 +164,8 @@ def tune_group(head_dim: int, dtype: str, *, T: int, B: int, N: int, causal: boo
 def summarize(data: dict) -> str:
   lines = [json.dumps(data["meta"]), "", "rows for flash_gpu._DEFAULT_BLOCKS (complete groups only):"]
   for g in data["groups"]:
-    g.setdefault("device_kind", data["meta"].get("device_kind", "?"))
-    lines.append(table_row(g) if g["complete"] else f"    # H={g['head_dim']} {g['dtype']}: incomplete (budget)")
+    lines.append(table_row(g, data["meta"]["device_kind"]) if g["complete"]
+                 else f"    # H={g['head_dim']} {g['dtype']}: incomplete (budget)")
   for g in data["groups"]:
     lines += ["", f"H={g['head_dim']} {g['dtype']} T={g['T']} (default {g['default']}):",
               bench_kernels.table([dict(r, implementation=f"{r.get('stage', '')} {r.get('implementation', '')}",
@@ -194,7 +194,6 @@ def main(argv):
     T = FLAGS.wide_seq_len if jnp.dtype(dtype).itemsize >= 4 else FLAGS.seq_len
     g = tune_group(h, dtype, T=T, B=FLAGS.batch, N=FLAGS.heads, causal=FLAGS.causal,
                    max_candidates=FLAGS.max_candidates, repeats=FLAGS.repeats, budget_s=share)
-    g["device_kind"] = meta["device_kind"]
     groups.append(g)
     if FLAGS.out:   # rewritten after every group, so a cut run keeps what it measured
       with open(FLAGS.out, "w") as f:

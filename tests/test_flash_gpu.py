@@ -137,3 +137,6 @@ class FlashApiTest(parameterized.TestCase):
         b = flash_gpu.BlockSizes.get_default(h, dtype)
         self.assertIsInstance(b, flash_gpu.BlockSizes)
     self.assertEqual(flash_gpu.BlockSizes.get_default(128, jnp.bfloat16).block_k, 64)
+    self.assertEqual(flash_gpu.BlockSizes.table_key(96, jnp.bfloat16), (128, False))
+    self.assertEqual(flash_gpu.BlockSizes.table_key(512, jnp.float32), (256, True))
+    self.assertEqual(flash_gpu.padded_head_dim(5), 16)

@@ -76,8 +76,7 @@ def test_tune_group_keeps_the_forward_winner_for_the_backward_stage():
   assert g["fwd_bwd_tflops"] == max(r["tflops"] for r in bwd if r["status"] == "ok")
   assert g["complete"]
   # The printed table row evaluates back to the chosen blocks.
-  g["device_kind"] = "test"
-  row = tune_blocks.table_row(g)
+  row = tune_blocks.table_row(g, "test")
   assert row.strip().startswith("(128, False): BlockSizes(")
   expr = row.split(": ", 1)[1].split("),", 1)[0] + ")"
   assert eval(expr, {"BlockSizes": flash_gpu.BlockSizes}) == chosen

@@ -41,7 +41,7 @@ class BlockSizes:
   ``longest_first``: under a causal mask, launch the forward and dQ programs of the last query blocks (which see
   the most key blocks) first, so that the grid does not end on its heaviest programs (FlashAttention-2's
   ordering; the dK/dV grid already starts with its heaviest key blocks). Off by default until measured
-  (``experiments/tune_blocks.py --causal`` and ``bench_kernels --implementations=pallas,pallas_longest_first``).
+  (``bench_kernels --implementations=pallas,pallas_longest_first`` times both orders in one run).
   """
   block_q: int = 128
   block_k: int = 64
@@ -71,9 +71,17 @@ class BlockSizes:
     ``python -m experiments.tune_blocks`` measures candidates per head dim and dtype and prints rows for this
     table (``TUNE_BUDGET_S=... bash experiments/gpu_check.sh`` on the GPU machine).
     """
-    h = max(16, pl.next_power_of_2(head_dim))
-    wide = jnp.dtype(dtype).itemsize >= 4
-    return _DEFAULT_BLOCKS.get((min(h, 256), wide), cls())
+    return _DEFAULT_BLOCKS.get(cls.table_key(head_dim, dtype), cls())
+
+  @staticmethod
+  def table_key(head_dim: int, dtype: Any) -> tuple[int, bool]:
+    """The default table's row for a head dim and dtype: (padded head dim, at most 256; 4-byte dtype)."""
+    return min(padded_head_dim(head_dim), 256), jnp.dtype(dtype).itemsize >= 4
+
+
+def padded_head_dim(head_dim: int) -> int:
+  """The head dim the kernels run at: the next power of two, at least 16 (inputs are zero-padded to it)."""
+  return max(16, pl.next_power_of_2(head_dim))
 
 
 _DEFAULT_BLOCKS = {
@@ -416,7 +424,7 @@ def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | None = None,
   tq = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
   tk = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
   Tp, Sp = _tiling.cdiv(T, tq) * tq, _tiling.cdiv(S, tk) * tk
-  hp = max(16, pl.next_power_of_2(H))
+  hp = padded_head_dim(H)
   cfg = _Config(scale=_static_float("scale", inp.scale),
                 soft_cap=_static_float("logits_soft_cap", inp.logits_soft_cap), is_causal=inp.is_causal,
                 window=inp.window, T=T, S=S, Tp=Tp, Sp=Sp, groups=N // K, has_q_len=inp.q_lengths is not None,
