@@ -1,28 +1,42 @@
 """Softmax attention: ``attend`` for any score function, and the multi-backend ``dot_product_attention``.
 
-Semantics shared by every implementation (see DESIGN.md):
+Semantics shared by every implementation (docs/DESIGN.md):
 
-* layout ``query [B, T, N, H]``, ``key/value [B, S, K, H]``, output ``[B, T, N, H]``; ``N % K == 0`` (GQA/MQA,
-  query head n uses kv head ``n // (N // K)``);
+* layout ``query [B, T, N, H]``, ``key [B, S, K, H]``, ``value [B, S, K, Hv]``, output ``[B, T, N, Hv]``;
+  ``N % K == 0`` (GQA/MQA, query head n uses kv head ``n // (N // K)``). As in ``jax.nn``, rank-3 inputs (no batch
+  dim) are accepted, and as in tokamax so are extra leading batch dims ``[*B, T, N, H]``; ``Hv`` may differ from H;
 * logits ``= scale * q·k`` (``scale=None`` -> ``1/sqrt(H)``), then ``logits_soft_cap * tanh(logits / cap)`` if a cap
   is given, then ``+ bias``, then masking;
 * boolean masks (True = attend) combine with ``is_causal`` (top-left aligned), ``local_window_size``,
-  ``query_seq_lengths`` / ``key_value_seq_lengths`` and segment ids (query t sees key s iff same id);
+  ``query_seq_lengths`` / ``key_value_seq_lengths`` and segment ids (query t sees key s iff same id); masks and
+  biases of lower rank get leading axes prepended, as in ``jax.nn``; a bias of ``-inf`` hides its key like a mask;
 * softmax and accumulation in float32 (float64 for float64 inputs); output in the input dtype;
 * a query row with no visible key returns zeros with finite gradients;
-* ``return_residual=True`` also returns the logsumexp of the masked logits, ``[B, N, T]`` float32, ``-inf`` on
-  rows with no visible key; the residual carries no gradient (as in ``jax.nn``).
+* positions a query cannot see never influence it: a NaN or Inf in a hidden key, value or bias entry changes
+  neither that query's output nor any gradient flowing through it; a non-finite value it *can* see makes its
+  output non-finite (NaN);
+* ``return_residual=True`` also returns the logsumexp of the masked logits exactly as ``jax.nn`` does: shape
+  ``query.shape[:-1]`` (``[B, T, N]``), the input dtype, no gradient. Rows with no visible key report the dtype's
+  most negative finite value. Internally (ring merges, kernels) the logsumexp is a float32 ``[B, N, T]`` array with
+  ``-inf`` on rows with no key.
+
+Every public entry point validates its arguments eagerly (``ValueError`` naming the shapes), then runs under one
+``jax.jit`` boundary per static configuration, so eager calls are compiled once and ``jax.debug_infs`` /
+``jax.debug_nans`` see only the finite outputs, never the ``-inf`` used internally for masking.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from attention_jax import _autodiff
 from attention_jax import masks as masks_lib
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -34,10 +48,31 @@ _LAZY_IMPLEMENTATIONS = {
     "pallas": "attention_jax.kernels.flash_gpu",
     "pallas_tpu": "attention_jax.kernels.flash_tpu",
 }
+# Implementations with a custom VJP: under forward-mode or second-order differentiation they step aside for the
+# reference formula (attention_jax/_autodiff.py).
+_CUSTOM_VJP = ("blockwise", "pallas", "pallas_tpu")
+
+
+class UnsupportedError(NotImplementedError, ValueError):
+  """An implementation cannot take this call (dtype, shape or option); dispatch moves on to the next candidate.
+
+  A ``ValueError`` for callers who asked for that implementation explicitly, and a ``NotImplementedError`` so that
+  a sequence of implementations falls through to the next one.
+  """
 
 
 def _compute_dtype(dtype: Any) -> Any:
   return jnp.promote_types(dtype, jnp.float32)
+
+
+def _finite_rows(x: jax.Array) -> jax.Array:
+  """``[..., D] -> [...]``: True where every element of the last axis is finite."""
+  return jnp.all(jnp.isfinite(x), axis=-1)
+
+
+def _clean(x: jax.Array) -> jax.Array:
+  """Non-finite entries replaced by 0 (a select: hidden garbage never meets a multiply)."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -49,7 +84,8 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None = None, axis: int =
                    ) -> tuple[jax.Array, jax.Array]:
   """Softmax in float32 where ``mask`` is True; returns ``(weights, logsumexp)``.
 
-  Rows with no visible entry get all-zero weights and logsumexp ``-inf``; gradients stay finite.
+  Rows with no visible entry (or only ``-inf`` logits) get all-zero weights and logsumexp ``-inf``; gradients stay
+  finite. NaN logits in visible entries propagate to their row; hidden entries never matter.
   """
   logits = logits.astype(_compute_dtype(logits.dtype))
   if mask is not None:
@@ -59,21 +95,47 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None = None, axis: int =
   row_max = jnp.where(jnp.isfinite(row_max), row_max, jnp.zeros_like(row_max))
   unnormalized = jnp.exp(logits - row_max)
   denom = jnp.sum(unnormalized, axis=axis, keepdims=True)
-  has_key = denom > 0
-  weights = unnormalized / jnp.where(has_key, denom, jnp.ones_like(denom))
-  lse = jnp.where(has_key, row_max + jnp.log(jnp.where(has_key, denom, jnp.ones_like(denom))), -jnp.inf)
+  empty = denom == 0       # no visible entry; a NaN denominator is not empty and propagates
+  safe = jnp.where(empty, jnp.ones_like(denom), denom)
+  weights = unnormalized / safe
+  lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(safe))
   return weights, jnp.squeeze(lse, axis)
 
 
-def attend(logits: jax.Array, value: jax.Array, mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def _attend(logits, value, mask):
+  cd = _compute_dtype(jnp.promote_types(logits.dtype, value.dtype))
+  weights, _ = masked_softmax(logits.astype(cd), mask)
+  rank = max(weights.ndim, value.ndim)
+  w = weights.reshape((1,) * (rank - weights.ndim) + weights.shape)
+  v = value.reshape((1,) * (rank - value.ndim) + value.shape)
+  out = jnp.einsum("...ts,...sd->...td", w, _clean(v).astype(cd), precision=_HIGHEST)
+  # A non-finite value a row can see makes that row non-finite; hidden ones never reach it.
+  v_bad_S = ~_finite_rows(v)                                        # [..., S]: value row s non-finite
+  visible = jnp.ones(w.shape, bool) if mask is None else jnp.broadcast_to(
+      mask.reshape((1,) * (rank - mask.ndim) + mask.shape), w.shape)
+  sees_bad = jnp.any(visible & v_bad_S[..., None, :], axis=-1, keepdims=True)
+  out = jnp.where(sees_bad, jnp.nan, out)
+  return out.astype(value.dtype), weights.astype(value.dtype)
+
+
+_attend_jit = jax.jit(_attend)
+
+
+def attend(logits: jax.typing.ArrayLike, value: jax.typing.ArrayLike, mask: jax.typing.ArrayLike | None = None
+           ) -> tuple[jax.Array, jax.Array]:
   """Masked softmax over ``logits [..., T, S]`` and the weighted sum of ``value [..., S, Dv]``.
 
   Returns ``(output [..., T, Dv], weights [..., T, S])``, both in ``value``'s dtype; softmax and the sum run in
-  float32. ``mask`` (bool, True = attend) broadcasts to ``logits``; a row with no visible key gives zeros.
+  float32 (float64 for float64). ``mask`` (bool, True = attend) broadcasts to ``logits``; a row with no visible
+  key gives zeros, and hidden entries of ``value`` never reach a row.
   """
   logits, value = jnp.asarray(logits), jnp.asarray(value)
   if logits.ndim < 2 or value.ndim < 2:
     raise ValueError(f"attend: need logits [..., T, S] and value [..., S, Dv]; got {logits.shape=} {value.shape=}")
+  for name, x in (("logits", logits), ("value", value)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"attend: {name} must be a real floating-point array; got {name}.dtype={x.dtype} "
+                       f"{name}.shape={x.shape}")
   if logits.shape[-1] != value.shape[-2]:
     raise ValueError(f"attend: logits' S={logits.shape[-1]} != value's S={value.shape[-2]}; "
                      f"got {logits.shape=} {value.shape=}")
@@ -88,12 +150,7 @@ def attend(logits: jax.Array, value: jax.Array, mask: jax.Array | None = None) -
     if mask.ndim > logits.ndim or any(m not in (1, l) for m, l in zip(mask.shape[::-1], logits.shape[::-1])):
       raise ValueError(f"attend: mask of shape {mask.shape} does not broadcast to logits {logits.shape}")
     mask = mask.reshape((1,) * (logits.ndim - mask.ndim) + mask.shape)
-  weights, _ = masked_softmax(logits, mask)
-  rank = max(weights.ndim, value.ndim)
-  w = weights.reshape((1,) * (rank - weights.ndim) + weights.shape)
-  v = value.reshape((1,) * (rank - value.ndim) + value.shape)
-  out = jnp.einsum("...ts,...sd->...td", w, v.astype(weights.dtype), precision=_HIGHEST)
-  return out.astype(value.dtype), weights.astype(value.dtype)
+  return _attend_jit(logits, value, mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -105,10 +162,10 @@ class AttentionInputs(NamedTuple):
   """Validated, normalised arguments of :func:`dot_product_attention` (what every backend receives)."""
   query: jax.Array            # [B, T, N, H]
   key: jax.Array              # [B, S, K, H]
-  value: jax.Array            # [B, S, K, H]
+  value: jax.Array            # [B, S, K, Hv]
   bias: jax.Array | None      # broadcastable to [B, N, T, S]
   mask: jax.Array | None      # bool, broadcastable to [B, N, T, S]
-  scale: Any                  # float (or scalar array)
+  scale: Any                  # float (or a traced scalar)
   is_causal: bool
   q_lengths: jax.Array | None   # int32 [B]
   kv_lengths: jax.Array | None  # int32 [B]
@@ -116,64 +173,142 @@ class AttentionInputs(NamedTuple):
   q_segment_ids: jax.Array | None   # int32 [B, T]
   kv_segment_ids: jax.Array | None  # int32 [B, S]
   logits_soft_cap: float | None
+  batch_shape: tuple[int, ...] | None = None   # the caller's leading dims (None: plain [B, ...] inputs)
 
   @property
   def shapes(self) -> str:
     return f"query.shape={self.query.shape} key.shape={self.key.shape} value.shape={self.value.shape}"
 
 
-def _check_broadcastable(name: str, x: jax.Array, target: tuple[int, ...]) -> None:
-  if x.ndim != len(target) or any(d not in (1, t) for d, t in zip(x.shape, target)):
-    raise ValueError(f"{name} of shape {x.shape} does not broadcast to [B, N, T, S] = {target}")
+def restore_batch(x: jax.Array, inp: AttentionInputs) -> jax.Array:
+  """``[B, ...]`` -> the caller's leading dims (``[...]`` for rank-3 inputs, ``[*B, ...]`` for extra batch dims)."""
+  if inp.batch_shape is None:
+    return x
+  return x.reshape(inp.batch_shape + x.shape[1:])
+
+
+def public_residual(lse_BNT: jax.Array, inp: AttentionInputs) -> jax.Array:
+  """The internal float32 ``[B, N, T]`` logsumexp as ``jax.nn`` returns it: ``[B, T, N]`` (caller's batch dims),
+  input dtype, no gradient; rows with no visible key (``-inf``) become the dtype's most negative finite value."""
+  dtype = inp.query.dtype
+  lse = jax.lax.stop_gradient(jnp.swapaxes(lse_BNT, 1, 2))
+  lse = jnp.where(jnp.isneginf(lse), jnp.finfo(dtype).min, lse).astype(dtype)
+  return restore_batch(lse, inp)
+
+
+def _is_concrete(x) -> bool:
+  return not isinstance(x, jax.core.Tracer)
+
+
+def _static_number(name: str, x):
+  """Concrete scalars become Python floats (static, hashable); traced ones stay arrays."""
+  if x is None:
+    return None
+  if isinstance(x, bool) or (hasattr(x, "dtype") and not jnp.issubdtype(jnp.asarray(x).dtype, jnp.number)):
+    raise ValueError(f"{name} must be a real number; got {x!r}")
+  if isinstance(x, (int, float, np.number)) or (_is_concrete(x) and jnp.ndim(x) == 0):
+    try:
+      value = float(x)
+    except TypeError:
+      raise ValueError(f"{name} must be a real scalar; got {x!r}") from None
+    if not math.isfinite(value):
+      raise ValueError(f"{name} must be finite; got {value!r}")
+    return value
+  x = jnp.asarray(x)
+  if x.ndim != 0:
+    raise ValueError(f"{name} must be a scalar; got shape={x.shape}")
+  return x
+
+
+def _align(name: str, x: jax.Array, batch: tuple[int, ...], N: int, T: int, S: int) -> jax.Array:
+  """A mask or bias of rank <= len(batch) + 3 -> rank 4 ``[B|1, N|1, T|1, S|1]`` (leading axes prepended as in
+  jax.nn; batch dims flattened, broadcast across the batch only where they differ from 1)."""
+  nb = len(batch)
+  target = (*batch, N, T, S)
+  if x.ndim > nb + 3:
+    raise ValueError(f"{name} of shape {x.shape} has more dims than [*B, N, T, S] = {target}")
+  x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
+  if any(d not in (1, t) for d, t in zip(x.shape, target)):
+    raise ValueError(f"{name} of shape {x.shape} does not broadcast to [*B, N, T, S] = {target}")
+  lead, tail = x.shape[:nb], x.shape[nb:]
+  if all(d == 1 for d in lead):
+    return x.reshape((1,) + tail)
+  return jnp.broadcast_to(x, batch + tail).reshape((math.prod(batch),) + tail)
 
 
 def prepare_inputs(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
                    query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
                    q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None) -> AttentionInputs:
-  """Checks shapes and dtypes (``ValueError`` naming them) and normalises optional arguments."""
+  """Checks shapes, dtypes and values (``ValueError`` naming them) and normalises every argument.
+
+  Rank-3 inputs and extra leading batch dims are flattened to one batch dim (``restore_batch`` undoes it).
+  """
   query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
   shapes = f"query.shape={query.shape} key.shape={key.shape} value.shape={value.shape}"
-  if query.ndim != 4 or key.ndim != 4 or value.ndim != 4:
-    raise ValueError(f"query must be [B, T, N, H] and key/value [B, S, K, H] (rank 4; use jax.vmap for extra "
-                     f"batch dims); got {shapes}")
-  B, T, N, H = query.shape
-  _, S, K, _ = key.shape
-  if key.shape != value.shape:
-    raise ValueError(f"key and value must have the same shape [B, S, K, H]; got {shapes}")
-  if key.shape[0] != B:
-    raise ValueError(f"batch sizes differ: query B={B}, key/value B={key.shape[0]}; got {shapes}")
-  if key.shape[3] != H:
-    raise ValueError(f"head dims differ: query H={H}, key/value H={key.shape[3]}; got {shapes}")
-  if K == 0 or N % K != 0:
-    raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}; got {shapes}")
+  if query.ndim < 3 or key.ndim != query.ndim or value.ndim != query.ndim:
+    raise ValueError(f"query must be [*B, T, N, H] and key/value [*B, S, K, H] / [*B, S, K, Hv] of the same rank "
+                     f"(>= 3; rank 3 means no batch dim); got {shapes}")
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if jnp.issubdtype(x.dtype, jnp.complexfloating):
+      raise ValueError(f"{name} is complex ({x.dtype}): softmax attention needs real logits, so complex inputs are "
+                       "refused (jax.nn silently drops the imaginary part of the logits)")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"query/key/value must be floating point; got {name}.dtype={x.dtype} ({shapes})")
   if not (query.dtype == key.dtype == value.dtype):
     raise ValueError(f"query, key and value must share a dtype; got {query.dtype}, {key.dtype}, {value.dtype}")
-  if not jnp.issubdtype(query.dtype, jnp.floating):
-    raise ValueError(f"query/key/value must be floating point; got {query.dtype}")
-  target = (B, N, T, S)
+  batch_shape = query.shape[:-3]
+  if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
+    raise ValueError(f"batch sizes differ: query batch dims {batch_shape}, key {key.shape[:-3]}, "
+                     f"value {value.shape[:-3]}; got {shapes}")
+  T, N, H = query.shape[-3:]
+  S, K, Hk = key.shape[-3:]
+  if value.shape[-3:-1] != (S, K):
+    raise ValueError(f"key and value must agree on [S, K] (value's head dim may differ); got {shapes}")
+  if Hk != H:
+    raise ValueError(f"head dims differ: query H={H}, key H={Hk}; got {shapes}")
+  if H == 0:
+    raise ValueError(f"the query/key head dim must be positive; got {shapes}")
+  if K == 0 or N % K != 0:
+    raise ValueError(f"query heads N={N} must be a multiple of key/value heads K={K}; got {shapes}")
+  batch = batch_shape or (1,)
+  B = math.prod(batch)
+  query, key, value = (x.reshape((B,) + x.shape[-3:]) for x in (query, key, value))
+
   if bias is not None:
     bias = jnp.asarray(bias)
-    _check_broadcastable("bias", bias, target)
+    if bias.dtype == jnp.bool_ or not jnp.issubdtype(bias.dtype, jnp.number) or jnp.issubdtype(
+        bias.dtype, jnp.complexfloating):
+      raise ValueError(f"bias must be a real numeric array added to the logits; got dtype={bias.dtype} "
+                       f"shape={bias.shape}" + (" (pass boolean masks as `mask`)" if bias.dtype == jnp.bool_ else ""))
+    bias = _align("bias", bias, batch, N, T, S)
   if mask is not None:
     mask = jnp.asarray(mask)
     if mask.dtype != jnp.bool_:
       raise ValueError(f"mask must be boolean (True = attend); got dtype={mask.dtype} shape={mask.shape}. "
                        "Pass additive masks as `bias`.")
-    _check_broadcastable("mask", mask, target)
+    mask = _align("mask", mask, batch, N, T, S)
 
-  def lengths(name, x):
+  def lengths(name, x, limit):
     if x is None:
       return None
     x = jnp.asarray(x)
-    if x.shape != (B,) or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name} must be an integer array of shape [B]=({B},); got shape={x.shape} dtype={x.dtype}")
-    return x.astype(jnp.int32)
+    ok_shapes = (batch_shape, (1,)) if not batch_shape else (batch_shape,)
+    if x.shape not in ok_shapes or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer array of shape [*B]={batch_shape}; got shape={x.shape} "
+                       f"dtype={x.dtype}")
+    if _is_concrete(x):
+      values = np.asarray(x)
+      if values.size and (values.min() < 0 or values.max() > limit):
+        raise ValueError(f"{name} must lie in [0, {limit}]; got {values.tolist()}")
+    return jnp.clip(x.reshape(B).astype(jnp.int32), 0, limit)   # traced lengths are clamped
 
   def segments(name, x, length):
     x = jnp.asarray(x)
-    if x.shape != (B, length) or not jnp.issubdtype(x.dtype, jnp.integer):
-      raise ValueError(f"{name} must be an integer array of shape {(B, length)}; got shape={x.shape} dtype={x.dtype}")
-    return x.astype(jnp.int32)
+    want = (*batch_shape, length)
+    ok = x.shape == want or (not batch_shape and x.shape == (1, length))
+    if not ok or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer array of shape {want}; got shape={x.shape} dtype={x.dtype}")
+    return x.reshape(B, length).astype(jnp.int32)
 
   if (q_segment_ids is None) != (kv_segment_ids is None):
     if T != S:
@@ -183,14 +318,21 @@ def prepare_inputs(query, key, value, bias=None, mask=None, *, scale=None, is_ca
   if q_segment_ids is not None:
     q_segment_ids = segments("q_segment_ids", q_segment_ids, T)
     kv_segment_ids = segments("kv_segment_ids", kv_segment_ids, S)
-  if scale is None:
-    scale = 1.0 / math.sqrt(H)
-  if logits_soft_cap is not None and not isinstance(logits_soft_cap, jax.Array) and not logits_soft_cap > 0:
+  scale = 1.0 / math.sqrt(H) if scale is None else _static_number("scale", scale)
+  logits_soft_cap = _static_number("logits_soft_cap", logits_soft_cap)
+  if isinstance(logits_soft_cap, float) and not logits_soft_cap > 0:
     raise ValueError(f"logits_soft_cap must be positive; got {logits_soft_cap!r}")
+  window = masks_lib.normalize_window(local_window_size)
+  if window is not None:   # a window wider than both sequences is no window; clamping keeps int32 math exact
+    bound = max(T, S)
+    window = (min(window[0], bound), min(window[1], bound))
+  if not isinstance(is_causal, (bool, np.bool_)):
+    raise ValueError(f"is_causal must be a Python bool; got {is_causal!r}")
   return AttentionInputs(
       query, key, value, bias, mask, scale, bool(is_causal),
-      lengths("query_seq_lengths", query_seq_lengths), lengths("key_value_seq_lengths", key_value_seq_lengths),
-      masks_lib.normalize_window(local_window_size), q_segment_ids, kv_segment_ids, logits_soft_cap)
+      lengths("query_seq_lengths", query_seq_lengths, T), lengths("key_value_seq_lengths", key_value_seq_lengths, S),
+      window, q_segment_ids, kv_segment_ids, logits_soft_cap,
+      None if len(batch_shape) == 1 else tuple(batch_shape))
 
 
 def combined_mask(inp: AttentionInputs) -> jax.Array | None:
@@ -208,15 +350,25 @@ def combined_mask(inp: AttentionInputs) -> jax.Array | None:
   return masks_lib.combine_masks(*parts)
 
 
+def visible_mask(inp: AttentionInputs) -> jax.Array | None:
+  """:func:`combined_mask` with the pairs a ``-inf`` bias hides removed (None if every pair is visible)."""
+  mask = combined_mask(inp)
+  if inp.bias is not None:
+    mask = masks_lib.combine_masks(mask, ~jnp.isneginf(inp.bias))
+  return mask
+
+
 def rows_with_keys(inp: AttentionInputs) -> jax.Array | None:
   """Bool ``[B|1, N|1, T]``: query rows that see at least one key (None when every row does).
 
-  Structured masks (causal, window, lengths) are solved in O(T); a user mask or segment ids need a reduction.
+  Structured masks (causal, window, lengths) are solved in O(T); a user mask, a bias or segment ids need a
+  reduction.
   """
   B, T = inp.query.shape[:2]
   S = inp.key.shape[1]
-  if inp.mask is not None or inp.q_segment_ids is not None:
-    return jnp.any(combined_mask(inp), axis=-1)
+  if inp.mask is not None or inp.q_segment_ids is not None or inp.bias is not None:
+    visible = visible_mask(inp)
+    return None if visible is None else jnp.any(visible, axis=-1)
   if not (inp.is_causal or inp.window or inp.q_lengths is not None or inp.kv_lengths is not None) and S > 0:
     return None
   i = jnp.arange(T, dtype=jnp.int32)[None, :]               # [1, T]
@@ -235,18 +387,41 @@ def rows_with_keys(inp: AttentionInputs) -> jax.Array | None:
   return visible[:, None, :]
 
 
+def _per_query_head(x_BSK: jax.Array, N: int) -> jax.Array:
+  """``[B, S, K]`` -> ``[B, N, 1, S]`` (kv head of each query head)."""
+  B, S, K = x_BSK.shape
+  return jnp.broadcast_to(jnp.transpose(x_BSK, (0, 2, 1))[:, :, None, None, :], (B, K, N // K, 1, S)
+                          ).reshape(B, N, 1, S)
+
+
+def nonfinite_rows(inp: AttentionInputs, visible: jax.Array | None = None) -> jax.Array:
+  """Bool ``[B, N, T]``: rows that see (or whose query holds) a non-finite q, k or v entry."""
+  B, T, N, _ = inp.query.shape
+  S = inp.key.shape[1]
+  visible = visible_mask(inp) if visible is None else visible
+  kv_bad = _per_query_head(~(_finite_rows(inp.key) & _finite_rows(inp.value)), N)      # [B, N, 1, S]
+  q_bad = jnp.transpose(~_finite_rows(inp.query), (0, 2, 1))                           # [B, N, T]
+  if visible is None:
+    sees_bad = jnp.broadcast_to(jnp.any(kv_bad, axis=-1), (B, N, T))
+    sees_any = S > 0
+  else:
+    sees_bad = jnp.any(visible & kv_bad, axis=-1)
+    sees_any = jnp.any(jnp.broadcast_to(visible, (*visible.shape[:-1], S)), axis=-1)
+  return jnp.broadcast_to(sees_bad | (q_bad & sees_any), (B, N, T))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Implementations
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _scaled_capped_logits(inp: AttentionInputs) -> jax.Array:
+def _logits(inp: AttentionInputs, q, k) -> jax.Array:
   """``[B, N, T, S]`` logits in the compute dtype, before bias and masks."""
-  B, T, N, H = inp.query.shape
-  S, K = inp.key.shape[1:3]
-  cd = _compute_dtype(inp.query.dtype)
-  q_BTKGH = inp.query.astype(cd).reshape(B, T, K, N // K, H)
-  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, inp.key.astype(cd), precision=_HIGHEST)
+  B, T, N, H = q.shape
+  S, K = k.shape[1:3]
+  cd = _compute_dtype(q.dtype)
+  q_BTKGH = q.astype(cd).reshape(B, T, K, N // K, H)
+  logits_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k.astype(cd), precision=_HIGHEST)
   logits_BNTS = logits_BKGTS.reshape(B, N, T, S) * jnp.asarray(inp.scale, cd)
   if inp.logits_soft_cap is not None:
     cap = jnp.asarray(inp.logits_soft_cap, cd)
@@ -256,22 +431,31 @@ def _scaled_capped_logits(inp: AttentionInputs) -> jax.Array:
 
 def reference_core(inp: AttentionInputs, weights_fn: Callable[[jax.Array], jax.Array] | None = None
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """The plain algorithm: ``(output [B,T,N,H] in the input dtype, lse [B,N,T], weights [B,N,T,S])``.
+  """The plain algorithm: ``(output [B,T,N,Hv] in the input dtype, lse [B,N,T], weights [B,N,T,S])``.
 
   ``weights_fn`` (e.g. attention dropout) transforms the weights before they multiply the values; the returned
-  weights are the ones before it.
+  weights are the ones before it. Hidden non-finite entries never meet a multiply: q, k and v enter cleaned, a
+  non-finite q or k poisons exactly its visible logits, and rows that see a non-finite value become NaN.
   """
-  B, T, N, H = inp.query.shape
-  S, K = inp.key.shape[1:3]
-  logits = _scaled_capped_logits(inp)
+  B, T, N, _ = inp.query.shape
+  S, K, Hv = inp.value.shape[1:]
+  visible = visible_mask(inp)
+  logits = _logits(inp, _clean(inp.query), _clean(inp.key))
+  q_bad = jnp.transpose(~_finite_rows(inp.query), (0, 2, 1))[..., None]                 # [B, N, T, 1]
+  k_bad = _per_query_head(~_finite_rows(inp.key), N)                                   # [B, N, 1, S]
+  logits = jnp.where(q_bad | k_bad, jnp.nan, logits)        # exactly the pairs a non-finite q or k touches
   if inp.bias is not None:
     logits = logits + inp.bias.astype(logits.dtype)
-  weights_BNTS, lse_BNT = masked_softmax(logits, combined_mask(inp))
+  weights_BNTS, lse_BNT = masked_softmax(logits, visible)
   applied = weights_BNTS if weights_fn is None else weights_fn(weights_BNTS).astype(weights_BNTS.dtype)
   out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", applied.reshape(B, K, N // K, T, S),
-                         inp.value.astype(weights_BNTS.dtype), precision=_HIGHEST)
-  out = out_BTKGH.reshape(B, T, N, H).astype(inp.query.dtype)
-  return out, jax.lax.stop_gradient(lse_BNT), weights_BNTS
+                         _clean(inp.value).astype(weights_BNTS.dtype), precision=_HIGHEST)
+  out_BTNH = out_BTKGH.reshape(B, T, N, Hv)
+  v_bad = _per_query_head(~_finite_rows(inp.value), N)                                 # [B, N, 1, S]
+  sees_bad_v = jnp.any(v_bad if visible is None else visible & v_bad, axis=-1)        # [B, N, T] (or broadcast)
+  sees_bad_v = jnp.transpose(jnp.broadcast_to(sees_bad_v, (B, N, T)), (0, 2, 1))[..., None]
+  out_BTNH = jnp.where(sees_bad_v, jnp.nan, out_BTNH)
+  return out_BTNH.astype(inp.query.dtype), jax.lax.stop_gradient(lse_BNT), weights_BNTS
 
 
 def _reference_impl(inp: AttentionInputs) -> tuple[jax.Array, jax.Array]:
@@ -280,25 +464,50 @@ def _reference_impl(inp: AttentionInputs) -> tuple[jax.Array, jax.Array]:
 
 
 def _jax_nn_impl(inp: AttentionInputs, implementation: str) -> tuple[jax.Array, jax.Array]:
-  """Delegates to ``jax.nn.dot_product_attention``; segment ids are folded into the boolean mask."""
+  """Delegates to ``jax.nn.dot_product_attention`` and enforces our contract around it.
+
+  Segment ids and ``-inf`` biases are folded into the boolean mask; inputs enter cleaned and rows that see a
+  non-finite entry are set to NaN afterwards (jax.nn would let a hidden NaN through ``0 * NaN``); rows with no
+  visible key return zeros (jax.nn averages the values). float64 inputs run the plain formula in float64 (jax.nn
+  rounds its softmax through float32).
+  """
   if inp.logits_soft_cap is not None:
-    raise ValueError(f"implementation={implementation!r} (jax.nn.dot_product_attention) has no logits_soft_cap; "
-                     "use 'reference', 'blockwise' or 'pallas'")
+    raise UnsupportedError(f"implementation={implementation!r} (jax.nn.dot_product_attention) has no "
+                           "logits_soft_cap; use 'reference', 'blockwise' or 'pallas'")
+  if inp.value.shape[-1] != inp.query.shape[-1]:
+    raise UnsupportedError(f"implementation={implementation!r} (jax.nn.dot_product_attention) needs the value "
+                           f"head dim to equal the query/key head dim; got {inp.shapes}. Use 'reference', "
+                           "'blockwise' or a Pallas kernel")
   if implementation == "cudnn" and jax.default_backend() != "gpu":
-    raise ValueError(f"implementation='cudnn' needs a CUDA GPU; the default backend is {jax.default_backend()!r}")
+    raise UnsupportedError(f"implementation='cudnn' needs a CUDA GPU; the default backend is "
+                           f"{jax.default_backend()!r}")
+  if inp.query.dtype == jnp.float64:
+    return _reference_impl(inp)
   mask = inp.mask
   if inp.q_segment_ids is not None:
     mask = masks_lib.combine_masks(mask, masks_lib.segment_mask(inp.q_segment_ids, inp.kv_segment_ids))
+  if inp.bias is not None:
+    mask = masks_lib.combine_masks(mask, ~jnp.isneginf(inp.bias))
+  bias = None if inp.bias is None else jnp.where(jnp.isneginf(inp.bias), 0, inp.bias)
+  q, k, v = _clean(inp.query), _clean(inp.key), _clean(inp.value)
+  if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
+    q, k, v = (x.astype(jnp.float32) for x in (q, k, v))    # XLA:CPU has no compiled f16 x f16 -> f32 dot
   out, lse_BTN = jax.nn.dot_product_attention(
-      inp.query, inp.key, inp.value, inp.bias, mask, scale=inp.scale, is_causal=inp.is_causal,
+      q, k, v, bias, mask, scale=inp.scale, is_causal=inp.is_causal,
       query_seq_lengths=inp.q_lengths, key_value_seq_lengths=inp.kv_lengths, local_window_size=inp.window,
       implementation=implementation, return_residual=True)
+  out = out.astype(inp.query.dtype)
   lse = jnp.transpose(lse_BTN, (0, 2, 1)).astype(_compute_dtype(inp.query.dtype))
   visible = rows_with_keys(inp)
   if visible is not None:
     # jax.nn returns the mean of the values on fully masked rows; our contract says zeros.
     out = jnp.where(jnp.transpose(visible, (0, 2, 1))[..., None], out, jnp.zeros_like(out))
     lse = jnp.where(visible, lse, -jnp.inf)
+  has_bad = ~(jnp.all(jnp.isfinite(inp.query)) & jnp.all(jnp.isfinite(inp.key)) & jnp.all(jnp.isfinite(inp.value)))
+  bad_BNT = jax.lax.cond(has_bad, lambda: nonfinite_rows(inp),
+                         lambda: jnp.zeros((inp.query.shape[0], inp.query.shape[2], inp.query.shape[1]), bool))
+  out = jnp.where(jnp.transpose(bad_BNT, (0, 2, 1))[..., None], jnp.nan, out)
+  lse = jnp.where(bad_BNT, jnp.nan, lse)
   return out, jax.lax.stop_gradient(lse)
 
 
@@ -324,27 +533,34 @@ def _is_concrete_number(x) -> bool:
     return False
 
 
-def _auto_implementation(inp: AttentionInputs | None) -> str:
-  """"auto": the Pallas flash kernel on GPU ("pallas") and TPU ("pallas_tpu"), "blockwise" elsewhere.
+def _auto_implementations(inp: AttentionInputs | None) -> tuple[str, ...]:
+  """"auto": the Pallas flash kernel on GPU ("pallas") and TPU ("pallas_tpu"), then "blockwise", then "reference".
 
-  Calls the kernels cannot take (dense bias/mask arrays) go to "blockwise"; traced (non-concrete) ``scale`` or
-  ``logits_soft_cap`` go to "reference".
+  Each candidate that cannot take the call (a kernel and float64, a traced ``scale``) raises ``UnsupportedError``
+  and the next one runs.
   """
-  if inp is not None and not (_is_concrete_number(inp.scale) and _is_concrete_number(inp.logits_soft_cap)):
-    return "reference"
-  kernel = {"gpu": "pallas", "tpu": "pallas_tpu"}.get(jax.default_backend())
-  if kernel is not None and (inp is None or (inp.bias is None and inp.mask is None)):
-    return kernel
-  return "blockwise"
+  kernel = {"gpu": ("pallas",), "tpu": ("pallas_tpu",)}.get(jax.default_backend(), ())
+  return kernel + ("blockwise", "reference")
+
+
+def resolve_implementations(implementation: str | Sequence[str] | None, inp: AttentionInputs | None = None
+                            ) -> tuple[str, ...]:
+  """The implementations to try in order (``ValueError`` for an unknown name)."""
+  if implementation is None or implementation == "auto":
+    return _auto_implementations(inp)
+  names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
+  if not names:
+    raise ValueError("implementation: an empty sequence; name at least one implementation")
+  for name in names:
+    if name not in IMPLEMENTATIONS:
+      raise ValueError(f"unknown implementation={name!r}; choose one of {('auto',) + IMPLEMENTATIONS} "
+                       "(or a sequence of them)")
+  return names
 
 
 def resolve_implementation(implementation: str | None, inp: AttentionInputs | None = None) -> str:
-  """Maps ``None``/"auto" to a concrete implementation and checks the name (``ValueError`` if unknown)."""
-  if implementation is None or implementation == "auto":
-    return _auto_implementation(inp)
-  if implementation not in IMPLEMENTATIONS:
-    raise ValueError(f"unknown implementation={implementation!r}; choose one of {('auto',) + IMPLEMENTATIONS}")
-  return implementation
+  """The first implementation :func:`resolve_implementations` would try."""
+  return resolve_implementations(implementation, inp)[0]
 
 
 def _get_impl(name: str) -> Callable[[AttentionInputs], tuple[jax.Array, jax.Array]]:
@@ -355,38 +571,131 @@ def _get_impl(name: str) -> Callable[[AttentionInputs], tuple[jax.Array, jax.Arr
       if e.name != _LAZY_IMPLEMENTATIONS[name]:
         raise
   if name not in _IMPLS:
-    raise NotImplementedError(f"implementation={name!r} is not available in this version of attention_jax")
+    raise UnsupportedError(f"implementation={name!r} is not available in this version of attention_jax")
   return _IMPLS[name]
+
+
+def attention_core(inp: AttentionInputs, implementations: str | Sequence[str] | None = None
+                   ) -> tuple[jax.Array, jax.Array]:
+  """``(output [B, T, N, Hv], lse [B, N, T] float32, -inf on rows with no key)`` from the first implementation that
+  takes the call. For library code (ring merges, split-K); users call :func:`dot_product_attention`."""
+  names = resolve_implementations(implementations, inp)
+  errors = []
+  for name in names:
+    try:
+      return _get_impl(name)(inp)
+    except NotImplementedError as e:
+      if len(names) == 1:
+        raise
+      errors.append(f"{name}: {e}")
+  raise UnsupportedError("no implementation takes this call -- " + "; ".join(errors))
+
+
+_STATIC_FIELDS = ("scale", "is_causal", "window", "logits_soft_cap", "batch_shape")
+
+
+def _split(inp: AttentionInputs) -> tuple[tuple, dict]:
+  """Static (hashable) and array parts of ``inp``; a traced scale or soft-cap stays an array."""
+  static, arrays = [], {}
+  for name, value in inp._asdict().items():
+    if name in _STATIC_FIELDS and not isinstance(value, jax.Array):
+      static.append((name, value))
+    else:
+      arrays[name] = value
+  return tuple(static), arrays
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2, 3, 4))
+def _run(names: tuple[str, ...] | Callable, options: tuple, static: tuple, return_residual: bool,
+         return_weights: bool, arrays: dict):
+  inp = AttentionInputs(**dict(static), **arrays)
+  if return_weights:
+    out, lse, weights = reference_core(inp)
+    extras = ((public_residual(lse, inp),) if return_residual else ()) + (restore_batch(weights, inp),)
+    return (restore_batch(out, inp), *extras)
+  if callable(names):
+    out, lse = names(inp, **dict(options))
+  else:
+    out, lse = attention_core(inp, names)
+  out = restore_batch(out, inp)
+  return (out, public_residual(lse, inp)) if return_residual else out
+
+
+def _empty_result(inp: AttentionInputs, return_residual: bool, return_weights: bool):
+  """Zero-size calls (B, T, N or Hv = 0) and calls with no keys (S = 0): zeros, every row without a key."""
+  B, T, N, _ = inp.query.shape
+  S, Hv = inp.value.shape[1], inp.value.shape[-1]
+  out = restore_batch(jnp.zeros((B, T, N, Hv), inp.query.dtype), inp)
+  extras = ()
+  if return_residual:
+    extras += (restore_batch(jnp.full((B, T, N), jnp.finfo(inp.query.dtype).min, inp.query.dtype), inp),)
+  if return_weights:
+    extras += (restore_batch(jnp.zeros((B, N, T, S), _compute_dtype(inp.query.dtype)), inp),)
+  return (out, *extras) if extras else out
+
+
+def run(inp: AttentionInputs, implementation=None, *, return_residual: bool = False, return_weights: bool = False):
+  """Runs validated inputs: dispatch, the jit boundary, the caller's batch dims and the public residual."""
+  names = resolve_implementations(implementation, inp)
+  B, T, N, _ = inp.query.shape
+  S, Hv = inp.value.shape[1], inp.value.shape[-1]
+  if 0 in (B, T, N, S, Hv):
+    return _empty_result(inp, return_residual, return_weights)
+  if names[0] in _CUSTOM_VJP and _autodiff.needs_plain_path(inp.query, inp.key, inp.value, inp.bias):
+    names = ("reference",)   # forward-mode / higher-order differentiation: the differentiable formula
+  static, arrays = _split(inp)
+  return _run(names, (), static, return_residual, return_weights, arrays)
+
+
+def run_custom(fn: Callable[..., tuple[jax.Array, jax.Array]], inp: AttentionInputs, *, options: tuple = (),
+               return_residual: bool = False, custom_vjp: bool = True):
+  """Like :func:`run` for an implementation's own public entry point (``flash_attention``, ``blockwise_attention``).
+
+  ``fn(inp, **dict(options)) -> (out [B, T, N, Hv], lse [B, N, T])`` must be a module-level function and
+  ``options`` a hashable tuple of ``(name, value)`` pairs (block sizes, interpret mode): together they key the
+  compilation cache. With ``custom_vjp``, forward-mode or second-order differentiation runs the reference instead.
+  """
+  B, T, N, _ = inp.query.shape
+  S, Hv = inp.value.shape[1], inp.value.shape[-1]
+  if 0 in (B, T, N, S, Hv):
+    return _empty_result(inp, return_residual, False)
+  names = fn
+  if custom_vjp and _autodiff.needs_plain_path(inp.query, inp.key, inp.value, inp.bias):
+    names, options = ("reference",), ()
+  static, arrays = _split(inp)
+  return _run(names, options, static, return_residual, False, arrays)
 
 
 def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
                           query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
                           q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                          implementation: str | None = None, return_residual: bool = False):
+                          implementation: str | Sequence[str] | None = None, return_residual: bool = False):
   """Scaled dot-product attention; a superset of ``jax.nn.dot_product_attention``.
 
   Args:
-    query: ``[B, T, N, H]``; key, value: ``[B, S, K, H]`` with ``N % K == 0`` (GQA/MQA).
-    bias: additive, broadcastable to ``[B, N, T, S]`` (added after scaling and soft-capping).
-    mask: bool, broadcastable to ``[B, N, T, S]``, True = attend.
+    query: ``[*B, T, N, H]``; key: ``[*B, S, K, H]``; value: ``[*B, S, K, Hv]`` with ``N % K == 0`` (GQA/MQA).
+      ``*B`` is zero or more batch dims (rank-3 inputs have none).
+    bias: additive, broadcastable to ``[*B, N, T, S]`` (leading axes prepended as needed; added after scaling and
+      soft-capping; ``-inf`` hides a key).
+    mask: bool, broadcastable to ``[*B, N, T, S]`` the same way, True = attend.
     scale: logit scale, default ``1/sqrt(H)``.
     is_causal: query i sees keys j <= i (top-left aligned).
-    query_seq_lengths, key_value_seq_lengths: int ``[B]``; padded queries return zeros.
+    query_seq_lengths, key_value_seq_lengths: int ``[*B]``; padded queries return zeros.
     local_window_size: int or ``(left, right)``; query i sees ``i-left <= j <= i+right``.
-    q_segment_ids, kv_segment_ids: int ``[B, T]`` / ``[B, S]``; attend only within equal ids (packing).
+    q_segment_ids, kv_segment_ids: int ``[*B, T]`` / ``[*B, S]``; attend only within equal ids (packing).
     logits_soft_cap: ``cap * tanh(logits / cap)`` before bias and masks (Gemma 2).
-    implementation: None/"auto", "reference", "xla", "cudnn", "blockwise", "pallas", "pallas_tpu".
-    return_residual: also return the logsumexp ``[B, N, T]`` (float32, -inf on rows with no key).
+    implementation: None/"auto", "reference", "xla", "cudnn", "blockwise", "pallas", "pallas_tpu", or a sequence
+      of them: the first that takes the call runs.
+    return_residual: also return the logsumexp ``[*B, T, N]`` as jax.nn does (input dtype, no gradient).
 
   Returns:
-    ``[B, T, N, H]`` in the input dtype, or ``(output, logsumexp)``.
+    ``[*B, T, N, Hv]`` in the input dtype, or ``(output, logsumexp)``.
   """
   inp = prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
                        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
                        local_window_size=local_window_size, q_segment_ids=q_segment_ids,
                        kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  out, lse = _get_impl(resolve_implementation(implementation, inp))(inp)
-  return (out, lse) if return_residual else out
+  return run(inp, implementation, return_residual=return_residual)
 
 
 def reference_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
@@ -395,13 +704,11 @@ def reference_attention(query, key, value, bias=None, mask=None, *, scale=None, 
                         return_residual: bool = False, return_weights: bool = False):
   """The oracle: same arguments and semantics as :func:`dot_product_attention`, computed plainly in float32.
 
-  Returns the output, followed by the logsumexp ``[B, N, T]`` if ``return_residual`` and the softmax weights
-  ``[B, N, T, S]`` (float32) if ``return_weights``.
+  Returns the output, followed by the logsumexp ``[*B, T, N]`` if ``return_residual`` and the softmax weights
+  ``[*B, N, T, S]`` (float32) if ``return_weights``.
   """
   inp = prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
                        query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
                        local_window_size=local_window_size, q_segment_ids=q_segment_ids,
                        kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  out, lse, weights = reference_core(inp)
-  extras = ((lse,) if return_residual else ()) + ((weights,) if return_weights else ())
-  return (out, *extras) if extras else out
+  return run(inp, "reference", return_residual=return_residual, return_weights=return_weights)

@@ -1,8 +1,10 @@
 """One correctness suite for every memory-efficient implementation (style: jax's gpu_ops_test).
 
-Subclasses set ``attention(q, k, v, **options)`` (returning ``(out, lse)``) and the case lists; every case is
-checked forward, logsumexp and dq/dk/dv against ``attention_jax.reference_attention`` with the per-dtype
-tolerances of tests/helpers.py. Not collected by pytest itself (no ``test_`` prefix).
+Subclasses set ``attention(q, k, v, **options)`` (returning ``(out, residual)`` with the public residual: jax.nn's
+``[B, T, N]`` logsumexp in the input dtype) and the case lists; every case is checked forward, residual and
+dq/dk/dv (and dbias) against ``attention_jax.reference_attention`` with the per-dtype tolerances of tests/helpers.py.
+``check_nan_isolation`` checks that NaN/Inf at positions a query cannot see never reach it, forward or backward,
+and that a non-finite value a query can see does reach it. Not collected by pytest itself (no ``test_`` prefix).
 """
 
 from __future__ import annotations
@@ -14,15 +16,16 @@ import numpy as np
 from absl.testing import parameterized
 
 import attention_jax as aj
-from tests.helpers import assert_close, randn
+from tests.helpers import assert_close, np_mask, randn
 
 
 def make_inputs(case: dict, dtype, seed: int = 0):
-  """Random q/k/v and options for a case dict {B, T, S, N, K, H, options...}."""
+  """Random q/k/v and options for a case dict {B, T, S, N, K, H, [Hv], options...}."""
   r = np.random.default_rng(seed)
   B, T, S, N, K, H = (case[k] for k in "BTSNKH")
+  Hv = case.get("Hv", H)
   scale = case.get("input_scale", 1.0)
-  q, k, v = randn(r, (B, T, N, H), dtype, scale), randn(r, (B, S, K, H), dtype, scale), randn(r, (B, S, K, H), dtype)
+  q, k, v = randn(r, (B, T, N, H), dtype, scale), randn(r, (B, S, K, H), dtype, scale), randn(r, (B, S, K, Hv), dtype)
   opts = dict(case.get("options", {}))
   if case.get("segments"):
     # Packed sequences: sorted ids, the same packing for queries and keys when T == S.
@@ -33,9 +36,12 @@ def make_inputs(case: dict, dtype, seed: int = 0):
     if name in opts:
       opts[name] = jnp.asarray(opts[name], jnp.int32)
   if case.get("bias"):
-    opts["bias"] = randn(r, (1, N, T, S), jnp.float32)
+    opts["bias"] = randn(r, case.get("bias_shape", (1, N, T, S)), jnp.float32)
   if case.get("mask"):
-    opts["mask"] = jnp.asarray(r.random((B, 1, T, S)) > 0.3)
+    m = r.random(case.get("mask_shape", (B, 1, T, S))) > 0.3
+    if case.get("mask_hides_keys"):   # whole key columns hidden from every query (a padding-style mask)
+      m &= (np.arange(S) % 5 != 3)
+    opts["mask"] = jnp.asarray(m)
   return q, k, v, opts
 
 
@@ -64,12 +70,48 @@ SLOW_CASES = {
     "t1000_s777_window_lengths": dict(B=2, T=1000, S=777, N=4, K=2, H=64,
                                       options=dict(local_window_size=(100, 50), key_value_seq_lengths=[600, 777])),
 }
+# A value head dim different from the query/key head dim (MLA-style), with and without masking.
+HV_CASES = {
+    "hv48_h32_causal_gqa": dict(B=1, T=45, S=45, N=4, K=2, H=32, Hv=48, options=dict(is_causal=True)),
+    "hv16_h40_lengths": dict(B=2, T=30, S=37, N=2, K=1, H=40, Hv=16,
+                             options=dict(key_value_seq_lengths=[37, 20], query_seq_lengths=[30, 25])),
+}
+# Dense mask / bias arrays, full and with broadcast axes, alone and with structured masks.
+DENSE_CASES = {
+    "mask_B1TS": dict(B=2, T=30, S=50, N=4, K=2, H=16, mask=True),
+    "mask_1NTS_causal": dict(B=2, T=33, S=33, N=2, K=1, H=16, mask=True, mask_shape=(1, 2, 33, 33),
+                             options=dict(is_causal=True)),
+    "mask_B11S_padding": dict(B=2, T=20, S=41, N=2, K=2, H=16, mask=True, mask_shape=(2, 1, 1, 41),
+                              mask_hides_keys=True),
+    "bias_1NTS": dict(B=2, T=29, S=29, N=2, K=1, H=16, bias=True, options=dict(is_causal=True)),
+    "bias_BNTS_lengths": dict(B=2, T=24, S=35, N=2, K=2, H=16, bias=True, bias_shape=(2, 2, 24, 35),
+                              options=dict(key_value_seq_lengths=[35, 12])),
+    "bias_11TS_mask_B1T1": dict(B=2, T=20, S=20, N=4, K=1, H=16, bias=True, bias_shape=(1, 1, 20, 20), mask=True,
+                                mask_shape=(2, 1, 20, 1), options=dict(local_window_size=(6, 2))),
+}
+# Options under which some positions are hidden from every query (garbage there must not leak) and, with the
+# visible variant, positions visible to some queries only.
+NAN_CASES = {
+    "lengths": CASES["lengths"],
+    "causal_gqa": dict(B=1, T=37, S=37, N=4, K=2, H=16, options=dict(is_causal=True)),
+    "window_segments": dict(B=2, T=40, S=40, N=2, K=1, H=16, segments=3, options=dict(local_window_size=(5, 3))),
+    "mask_padding": DENSE_CASES["mask_B11S_padding"],
+}
 
 
-def _has_key_rows(q, k, v, opts):
-  """[B, N, T] rows that see at least one key, from the reference's residual."""
-  _, lse = aj.reference_attention(q, k, v, return_residual=True, **opts)
-  return np.isfinite(np.asarray(lse))
+def _visible(case: dict, opts: dict) -> np.ndarray:
+  """[B, N, T, S] bool from first principles (tests/helpers.np_mask), for the options of a case."""
+  B, T, S, N = case["B"], case["T"], case["S"], case["N"]
+  lengths = lambda n: None if n not in opts else np.asarray(opts[n])
+  return np_mask(B, N, T, S, causal=opts.get("is_causal", False), window=opts.get("local_window_size"),
+                 q_lengths=lengths("query_seq_lengths"), kv_lengths=lengths("key_value_seq_lengths"),
+                 q_seg=None if "q_segment_ids" not in opts else np.asarray(opts["q_segment_ids"]),
+                 kv_seg=None if "kv_segment_ids" not in opts else np.asarray(opts["kv_segment_ids"]),
+                 mask=None if "mask" not in opts else np.asarray(opts["mask"]))
+
+
+def _as_f32(x) -> np.ndarray:
+  return np.asarray(jnp.asarray(x).astype(jnp.float32))
 
 
 class AttentionSuite(parameterized.TestCase):
@@ -80,21 +122,23 @@ class AttentionSuite(parameterized.TestCase):
 
   def check_case(self, case: dict, dtype, seed: int = 0):
     q, k, v, opts = make_inputs(case, dtype, seed)
-    out, lse = self.attention(q, k, v, **opts)
-    want_out, want_lse = aj.reference_attention(q, k, v, return_residual=True, **opts)
-    chex.assert_shape(out, q.shape)
+    B, T, N = q.shape[:3]
+    out, res = self.attention(q, k, v, **opts)
+    want_out, want_res = aj.reference_attention(q, k, v, return_residual=True, **opts)
+    chex.assert_shape(out, q.shape[:-1] + v.shape[-1:])
     self.assertEqual(out.dtype, q.dtype)
-    self.assertEqual(lse.dtype, jnp.float32)
+    chex.assert_shape(res, (B, T, N))
+    self.assertEqual(res.dtype, q.dtype)
     assert_close(out, want_out, dtype, err_msg="output")
-    np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse), err_msg="rows with no visible key")
-    finite = np.isfinite(np.asarray(want_lse))
-    assert_close(np.asarray(lse)[finite], np.asarray(want_lse)[finite], "float32" if dtype == jnp.float32
-                 else dtype, err_msg="logsumexp")
-    # Rows without keys: exact zeros.
-    dead = ~_has_key_rows(q, k, v, opts)
-    np.testing.assert_array_equal(np.asarray(out.astype(jnp.float32)).transpose(0, 2, 1, 3)[dead], 0.0)
+    # Rows with no visible key: zeros, and the residual's "no key" value (the dtype's most negative number).
+    dead = ~np.transpose(_visible(case, opts).any(-1), (0, 2, 1))     # [B, T, N]
+    no_key = np.float32(jnp.finfo(dtype).min)
+    np.testing.assert_array_equal(_as_f32(want_res)[dead], no_key, err_msg="reference residual of empty rows")
+    np.testing.assert_array_equal(_as_f32(res)[dead], no_key, err_msg="residual of rows with no visible key")
+    np.testing.assert_array_equal(_as_f32(out)[dead], 0.0, err_msg="rows with no visible key")
+    assert_close(_as_f32(res)[~dead], _as_f32(want_res)[~dead], dtype, err_msg="residual (logsumexp)")
 
-    ct = randn(np.random.default_rng(seed + 1), q.shape, dtype)
+    ct = randn(np.random.default_rng(seed + 1), out.shape, dtype)
     diff = [n for n in ("bias",) if n in opts]
     arrays = {n: opts.pop(n) for n in diff}
 
@@ -109,4 +153,44 @@ class AttentionSuite(parameterized.TestCase):
       self.assertEqual(g.dtype, q.dtype)
       assert_close(g, w, dtype, kind="grad", err_msg=name)
     for name in diff:
+      self.assertEqual(got[3][name].shape, arrays[name].shape)
       assert_close(got[3][name], want[3][name], "float32", kind="grad", err_msg=f"d{name}")
+
+  def _run_with_grads(self, q, k, v, opts, ct):
+    def loss(q, k, v):
+      out = self.attention(q, k, v, **opts)[0].astype(jnp.float32)
+      return jnp.where(jnp.isfinite(out), out * ct, 0.0).sum(), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+  def check_nan_isolation(self, case: dict, dtype, seed: int = 0):
+    """NaN/Inf at positions no query sees (and at queries that see nothing) change nothing, forward or backward;
+    a NaN at a key some queries see makes exactly those queries' outputs non-finite."""
+    q, k, v, opts = make_inputs(case, dtype, seed)
+    B, T, N = q.shape[:3]
+    S, K = k.shape[1:3]
+    G = N // K
+    visible = _visible(case, opts)                                        # [B, N, T, S]
+    seen_by_head = visible.reshape(B, K, G, T, S).any(axis=(2, 3))         # [B, K, S]: kv (b, head, s) used
+    hidden_kv = np.transpose(~seen_by_head, (0, 2, 1))                     # [B, S, K]
+    dead_q = np.transpose(~visible.any(-1), (0, 2, 1))                     # [B, T, N]
+    self.assertFalse(visible.all(), "case hides nothing")
+    garbage = lambda shape: np.where(np.arange(np.prod(shape)).reshape(shape) % 2, np.nan, np.inf)
+    poison = lambda x, where: jnp.where(jnp.asarray(where)[..., None], jnp.asarray(garbage(x.shape), x.dtype), x)
+    ct = randn(np.random.default_rng(seed + 1), q.shape[:-1] + v.shape[-1:], jnp.float32)
+    out, grads = self._run_with_grads(q, k, v, opts, ct)
+    out_p, grads_p = self._run_with_grads(poison(q, dead_q), poison(k, hidden_kv), poison(v, hidden_kv), opts, ct)
+    assert_close(out_p, out, dtype, err_msg="output with garbage at hidden positions")
+    for name, g, gp, hidden in zip(("dq", "dk", "dv"), grads, grads_p, (dead_q, hidden_kv, hidden_kv)):
+      assert_close(gp, g, dtype, kind="grad", err_msg=f"{name} with garbage at hidden positions")
+      np.testing.assert_array_equal(_as_f32(gp)[hidden], 0.0, err_msg=f"{name} at hidden positions")
+
+    # A NaN value at one key that some queries see: exactly those rows become non-finite.
+    seen = np.argwhere(seen_by_head.any(0).any(0))[:, 0]
+    j = int(seen[len(seen) // 2])
+    v_nan = v.at[:, j].set(jnp.nan)
+    out_nan = _as_f32(self.attention(q, k, v_nan, **opts)[0])
+    sees_j = np.transpose(visible[..., j], (0, 2, 1))                      # [B, T, N]
+    self.assertTrue(sees_j.any() and (~sees_j).any())
+    self.assertFalse(np.isfinite(out_nan[sees_j]).any(), "rows that see a NaN value must not be finite")
+    assert_close(out_nan[~sees_j], _as_f32(out)[~sees_j], dtype, err_msg="rows that do not see the NaN value")

@@ -38,7 +38,7 @@ def qkv(rng, B=2, T=7, S=9, N=4, K=2, H=16, dtype=jnp.float32, scale=1.0):
 
 
 def np_softmax_attention(q, k, v, *, mask=None, bias=None, scale=None, soft_cap=None):
-  """Float64 NumPy attention, written independently of the library: (out [B,T,N,H], lse [B,N,T]).
+  """Float64 NumPy attention, written independently of the library: (out [B,T,N,Hv], lse [B,N,T]).
 
   ``mask``: bool broadcastable to [B, N, T, S]. Rows without a visible key give zeros and lse = -inf.
   """
@@ -55,7 +55,7 @@ def np_softmax_attention(q, k, v, *, mask=None, bias=None, scale=None, soft_cap=
   if bias is not None:
     logits = logits + np.asarray(bias, np.float64)
   visible = np.ones(logits.shape, bool) if mask is None else np.broadcast_to(np.asarray(mask), logits.shape)
-  out = np.zeros((B, T, N, H))
+  out = np.zeros((B, T, N, v.shape[-1]))
   lse = np.full((B, N, T), -np.inf)
   for b in range(B):
     for n in range(N):

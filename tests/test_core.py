@@ -12,6 +12,7 @@ from hypothesis import given, strategies as st
 from jax.test_util import check_grads
 
 import attention_jax as aj
+from tests.attention_suite import DENSE_CASES, HV_CASES, NAN_CASES, AttentionSuite
 from tests.helpers import assert_close, np_mask, np_softmax_attention, qkv, randn
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -77,13 +78,15 @@ class OracleTest(parameterized.TestCase):
       with self.assertRaisesRegex(ValueError, "logits_soft_cap"):
         aj.dot_product_attention(q, k, v, implementation="xla", **kw)
       return
-    out, lse = aj.dot_product_attention(q, k, v, implementation=implementation, return_residual=True, **kw)
+    out, res = aj.dot_product_attention(q, k, v, implementation=implementation, return_residual=True, **kw)
     want_out, want_lse = np_softmax_attention(q, k, v, **oracle)
+    want_res = np.transpose(want_lse, (0, 2, 1))     # jax.nn's layout [B, T, N]
     assert_close(out, want_out)
-    self.assertEqual(lse.dtype, jnp.float32)
-    np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
-    finite = np.isfinite(want_lse)
-    assert_close(np.asarray(lse)[finite], want_lse[finite])
+    self.assertEqual(res.dtype, jnp.float32)
+    chex.assert_shape(res, want_res.shape)
+    finite = np.isfinite(want_res)
+    np.testing.assert_array_equal(np.asarray(res)[~finite], jnp.finfo(jnp.float32).min)
+    assert_close(np.asarray(res)[finite], want_res[finite])
 
   @parameterized.product(case=("plain", "causal_t_gt_s", "everything", "mqa"), dtype=(jnp.bfloat16, jnp.float16),
                          implementation=("reference", "xla"))
@@ -147,8 +150,10 @@ class SemanticsTest(parameterized.TestCase):
     grads = jax.grad(lambda q, k, v: f(q, k, v)[0].astype(jnp.float32).sum(), argnums=(0, 1, 2))(q, k, v)
     chex.assert_tree_all_finite(grads)
     np.testing.assert_array_equal(np.asarray(grads[0].astype(jnp.float32))[0, 2], 0.0)
-    self.assertTrue(np.isneginf(lse[0, :, 2]).all() and np.isneginf(lse[1]).all())
-    self.assertTrue(np.isfinite(lse[0, :, :2]).all())
+    no_key = jnp.finfo(dtype).min      # the residual [B, T, N] of a row with no visible key
+    self.assertTrue((lse[0, 2] == no_key).all() and (lse[1] == no_key).all())
+    self.assertTrue((lse[0, :2] > no_key).all())
+    self.assertEqual(lse.dtype, dtype)
 
   @parameterized.product(implementation=("reference", "xla"), dtype=(jnp.bfloat16, jnp.float16))
   def test_large_logits_stay_finite(self, implementation, dtype):
@@ -176,8 +181,8 @@ class SemanticsTest(parameterized.TestCase):
     q, k, v = qkv(np.random.default_rng(6), dtype=dtype)
     out, lse = aj.dot_product_attention(q, k, v, implementation=implementation, return_residual=True)
     self.assertEqual(out.dtype, dtype)
-    self.assertEqual(lse.dtype, jnp.float32)
-    chex.assert_shape(lse, (2, 4, 7))
+    self.assertEqual(lse.dtype, dtype)            # as jax.nn: the input dtype, [B, T, N]
+    chex.assert_shape(lse, (2, 7, 4))
 
   @parameterized.product(implementation=("reference", "xla"), t_s=((6, 6), (6, 9), (9, 4)))
   def test_causality_by_gradients(self, implementation, t_s):
@@ -281,8 +286,10 @@ class ErrorsTest(parameterized.TestCase):
     self.q, self.k, self.v = qkv(np.random.default_rng(16), B=2, T=3, S=5, N=4, K=2, H=8)
 
   def test_rank(self):
-    with self.assertRaisesRegex(ValueError, r"rank 4.*query.shape=\(3, 4, 8\)"):
-      aj.dot_product_attention(self.q[0], self.k[0], self.v[0])
+    with self.assertRaisesRegex(ValueError, r"same rank.*query.shape=\(4, 8\)"):
+      aj.dot_product_attention(self.q[0, 0], self.k[0, 0], self.v[0, 0])
+    with self.assertRaisesRegex(ValueError, r"same rank.*query.shape=\(3, 4, 8\) key.shape=\(2, 5, 2, 8\)"):
+      aj.dot_product_attention(self.q[0], self.k, self.v)
 
   def test_mismatches(self):
     q, k, v = self.q, self.k, self.v
@@ -305,8 +312,10 @@ class ErrorsTest(parameterized.TestCase):
       aj.dot_product_attention(q, k, v, mask=jnp.ones((2, 2, 3, 5), bool))
     with self.assertRaisesRegex(ValueError, "boolean"):
       aj.dot_product_attention(q, k, v, mask=jnp.ones((1, 1, 3, 5)))
-    with self.assertRaisesRegex(ValueError, r"bias of shape \(3, 5\)"):
-      aj.dot_product_attention(q, k, v, bias=jnp.ones((3, 5)))
+    with self.assertRaisesRegex(ValueError, r"bias of shape \(1, 1, 4, 5\) does not broadcast"):
+      aj.dot_product_attention(q, k, v, bias=jnp.ones((4, 5)))
+    with self.assertRaisesRegex(ValueError, r"bias of shape \(1, 2, 1, 4, 3, 5\) has more dims"):
+      aj.dot_product_attention(q, k, v, bias=jnp.ones((1, 2, 1, 4, 3, 5)))
     with self.assertRaisesRegex(ValueError, r"key_value_seq_lengths.*shape=\(3,\)"):
       aj.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.ones((3,), jnp.int32))
     with self.assertRaisesRegex(ValueError, r"kv_segment_ids.*\(2, 5\).*shape=\(2, 3\)"):
@@ -331,3 +340,249 @@ class ErrorsTest(parameterized.TestCase):
     f = jax.jit(lambda q, k, v: aj.dot_product_attention(q, k, v, mask=jnp.ones((2, 4, 3, 4), bool)))
     with self.assertRaisesRegex(ValueError, "does not broadcast"):
       f(self.q, self.k, self.v)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Conformance with jax.nn's (and tokamax's) signature: ranks, batch dims, low-rank masks, residual, Hv != H
+# ----------------------------------------------------------------------------------------------------------
+
+IMPLS = ("reference", "xla", "blockwise")
+
+
+class ConformanceTest(parameterized.TestCase):
+
+  @parameterized.product(implementation=IMPLS, dtype=(jnp.float32, jnp.bfloat16))
+  def test_rank3_and_residual_match_jax_nn(self, implementation, dtype):
+    q, k, v = qkv(np.random.default_rng(20), B=1, T=6, S=9, N=4, K=2, H=16, dtype=dtype)
+    q, k, v = q[0], k[0], v[0]                                   # [T, N, H]: no batch dim
+    mask = jnp.asarray(np.random.default_rng(21).random((6, 9)) > 0.3).at[:, 0].set(True)   # rank-2 mask
+    bias = randn(np.random.default_rng(22), (4, 6, 9))                                      # rank-3 bias
+    ours, res = aj.dot_product_attention(q, k, v, bias, mask, implementation=implementation, return_residual=True)
+    theirs, their_res = jax.nn.dot_product_attention(q, k, v, bias.astype(dtype), mask, return_residual=True)
+    chex.assert_shape((ours, res), ((6, 4, 16), (6, 4)))
+    self.assertEqual((ours.dtype, res.dtype), (dtype, their_res.dtype))
+    assert_close(ours, theirs, dtype)
+    assert_close(res, their_res, dtype)
+
+  @parameterized.parameters(*IMPLS)
+  def test_vjp_through_the_residual_like_jax_nn(self, implementation):
+    q, k, v = qkv(np.random.default_rng(23))
+    ct_out, ct_res = randn(np.random.default_rng(24), q.shape), randn(np.random.default_rng(25), q.shape[:-1])
+    f = lambda impl: lambda q, k, v: (aj.dot_product_attention(q, k, v, is_causal=True, implementation=impl,
+                                                               return_residual=True) if impl else
+                                      jax.nn.dot_product_attention(q, k, v, is_causal=True, return_residual=True))
+    (o, r), vjp = jax.vjp(f(implementation), q, k, v)
+    (o2, r2), vjp2 = jax.vjp(f(None), q, k, v)
+    assert_close(r, r2)
+    for a, b in zip(vjp((ct_out, ct_res)), vjp2((ct_out, ct_res))):   # jax.nn's residual carries no gradient
+      assert_close(a, b, kind="grad")
+
+  @parameterized.parameters(*IMPLS)
+  def test_extra_batch_dims(self, implementation):
+    r = np.random.default_rng(26)
+    q, k, v = randn(r, (2, 3, 5, 4, 8)), randn(r, (2, 3, 7, 2, 8)), randn(r, (2, 3, 7, 2, 8))
+    lengths = jnp.asarray(r.integers(1, 8, (2, 3)), jnp.int32)
+    mask = jnp.asarray(r.random((3, 1, 5, 7)) > 0.2)             # broadcast over the first batch dim
+    bias = randn(r, (2, 1, 1, 1, 7))
+    out, res = aj.dot_product_attention(q, k, v, bias, mask, key_value_seq_lengths=lengths, is_causal=True,
+                                        implementation=implementation, return_residual=True)
+    chex.assert_shape((out, res), ((2, 3, 5, 4, 8), (2, 3, 5, 4)))
+    for i in range(2):
+      for j in range(3):
+        want_out, want_lse = np_softmax_attention(
+            q[i, j][None], k[i, j][None], v[i, j][None], bias=bias[i, 0][None],
+            mask=np_mask(1, 4, 5, 7, causal=True, kv_lengths=lengths[i, j][None], mask=mask[j][None]))
+        assert_close(out[i, j], want_out[0])
+        live = np.isfinite(want_lse[0].T)
+        assert_close(np.asarray(res[i, j])[live], want_lse[0].T[live])
+
+  @parameterized.parameters("reference", "blockwise")
+  def test_value_head_dim_differs(self, implementation):
+    r = np.random.default_rng(27)
+    q, k, v = randn(r, (2, 9, 4, 12)), randn(r, (2, 11, 2, 12)), randn(r, (2, 11, 2, 20))
+    opts = dict(is_causal=True, key_value_seq_lengths=jnp.array([11, 4], jnp.int32))
+    out = aj.dot_product_attention(q, k, v, implementation=implementation, **opts)
+    chex.assert_shape(out, (2, 9, 4, 20))
+    mask = np_mask(2, 4, 9, 11, causal=True, kv_lengths=[11, 4])
+    assert_close(out, np_softmax_attention(q, k, v, mask=mask)[0])
+    g = jax.grad(lambda v: aj.dot_product_attention(q, k, v, implementation=implementation, **opts).sum())(v)
+    gr = jax.grad(lambda v: aj.dot_product_attention(q, k, v, implementation="reference", **opts).sum())(v)
+    assert_close(g, gr, kind="grad")
+
+  def test_value_head_dim_in_xla_is_refused_or_falls_through(self):
+    q, k, v = qkv(np.random.default_rng(28))
+    v = jnp.concatenate([v, v], axis=-1)
+    with self.assertRaisesRegex(ValueError, r"value head dim.*value.shape=\(2, 9, 2, 32\)"):
+      aj.dot_product_attention(q, k, v, implementation="xla")
+    got = aj.dot_product_attention(q, k, v, implementation=("xla", "reference"))
+    assert_close(got, np_softmax_attention(q, k, v)[0])
+
+  def test_implementation_sequences(self):
+    q, k, v = qkv(np.random.default_rng(29))
+    # jax.nn has no soft-cap: the sequence falls through to the next implementation that takes the call.
+    got = aj.dot_product_attention(q, k, v, logits_soft_cap=2.0, implementation=("xla", "blockwise"))
+    assert_close(got, np_softmax_attention(q, k, v, soft_cap=2.0)[0])
+    with self.assertRaisesRegex(ValueError, "empty sequence"):
+      aj.dot_product_attention(q, k, v, implementation=())
+    with self.assertRaisesRegex(ValueError, "unknown implementation='flash'"):
+      aj.dot_product_attention(q, k, v, implementation=("xla", "flash"))
+    with self.assertRaisesRegex(ValueError, "no implementation takes this call.*xla.*soft_cap"):
+      aj.dot_product_attention(q, k, v, logits_soft_cap=2.0, implementation=("xla", "cudnn"))
+
+  @parameterized.parameters(*IMPLS)
+  def test_float64_is_computed_in_float64(self, implementation):
+    with enable_x64():
+      q, k, v = qkv(np.random.default_rng(30), dtype=jnp.float64)
+      mask = np_mask(2, 4, 7, 9, causal=True, kv_lengths=[9, 5])
+      out = aj.dot_product_attention(q, k, v, is_causal=True, key_value_seq_lengths=jnp.array([9, 5]),
+                                     implementation=implementation)
+      self.assertEqual(out.dtype, jnp.float64)
+      np.testing.assert_allclose(out, np_softmax_attention(q, k, v, mask=mask)[0], atol=1e-12, rtol=1e-12)
+
+  def test_zero_size_inputs(self):
+    q, k, v = qkv(np.random.default_rng(31))
+    cases = {   # name: (q, k, v, expected output shape)
+        "B=0": (q[:0], k[:0], v[:0], (0, 7, 4, 16)),
+        "T=0": (q[:, :0], k, v, (2, 0, 4, 16)),
+        "S=0": (q, k[:, :0], v[:, :0], (2, 7, 4, 16)),
+        "N=K=0": (q[:, :, :0], k[:, :, :0], v[:, :, :0], None),
+        "Hv=0": (q, k, v[..., :0], (2, 7, 4, 0)),
+    }
+    for name, (a, b, c, shape) in cases.items():
+      for implementation in IMPLS + (None,):
+        with self.subTest(name=name, implementation=implementation):
+          if shape is None:
+            with self.assertRaisesRegex(ValueError, "K=0"):
+              aj.dot_product_attention(a, b, c, implementation=implementation)
+            continue
+          out, res = aj.dot_product_attention(a, b, c, implementation=implementation, return_residual=True)
+          chex.assert_shape((out, res), (shape, shape[:-1]))
+          np.testing.assert_array_equal(out, 0.0)
+          np.testing.assert_array_equal(res, jnp.finfo(jnp.float32).min)
+    with self.assertRaisesRegex(ValueError, "head dim must be positive"):
+      aj.dot_product_attention(q[..., :0], k[..., :0], v)
+
+  def test_lengths_out_of_range(self):
+    q, k, v = qkv(np.random.default_rng(32))
+    for bad in ([10, 3], [-1, 3]):
+      with self.assertRaisesRegex(ValueError, r"key_value_seq_lengths must lie in \[0, 9\]"):
+        aj.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.array(bad))
+    with self.assertRaisesRegex(ValueError, r"query_seq_lengths must lie in \[0, 7\]"):
+      aj.dot_product_attention(q, k, v, query_seq_lengths=jnp.array([8, 1]))
+    # Traced lengths cannot be checked; they are clamped to [0, S].
+    f = jax.jit(lambda l: aj.dot_product_attention(q, k, v, key_value_seq_lengths=l, implementation="reference"))
+    assert_close(f(jnp.array([50, -4])), aj.dot_product_attention(q, k, v, key_value_seq_lengths=jnp.array([9, 0])))
+
+  def test_huge_window_is_no_window(self):
+    q, k, v = qkv(np.random.default_rng(33))
+    for implementation in IMPLS:
+      got = aj.dot_product_attention(q, k, v, local_window_size=2**31, implementation=implementation)
+      assert_close(got, np_softmax_attention(q, k, v)[0])
+
+  def test_refused_dtypes(self):
+    q, k, v = qkv(np.random.default_rng(34))
+    with self.assertRaisesRegex(ValueError, "complex.*real logits"):
+      aj.dot_product_attention(q.astype(jnp.complex64), k.astype(jnp.complex64), v.astype(jnp.complex64))
+    with self.assertRaisesRegex(ValueError, r"floating point.*query.dtype=int32"):
+      aj.dot_product_attention(q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32))
+    with self.assertRaisesRegex(ValueError, r"bias must be a real numeric array.*bool.*pass boolean masks as `mask`"):
+      aj.dot_product_attention(q, k, v, bias=jnp.ones((7, 9), bool))
+    with self.assertRaisesRegex(ValueError, "scale must be finite"):
+      aj.dot_product_attention(q, k, v, scale=float("nan"))
+    with self.assertRaisesRegex(ValueError, "is_causal must be a Python bool"):
+      aj.dot_product_attention(q, k, v, is_causal="yes")
+    with self.assertRaisesRegex(ValueError, "attend: value must be a real floating-point"):
+      aj.attend(jnp.zeros((3, 4)), jnp.ones((4, 2), jnp.int32))
+
+
+class XlaBiasTest(parameterized.TestCase):
+  """A -inf bias hides its key like a mask, in every implementation (jax.nn alone would average or NaN)."""
+
+  @parameterized.parameters(*IMPLS)
+  def test_bias_minus_inf(self, implementation):
+    q, k, v = qkv(np.random.default_rng(35), B=1, T=3, S=4, N=2, K=1)
+    bias = np.zeros((1, 2, 3, 4), np.float32)
+    bias[0, :, 0, :] = -np.inf                      # row 0: every key hidden by the bias
+    bias[0, :, 1, 2] = -np.inf                      # row 1: the only key the mask leaves is hidden by the bias
+    mask = np.ones((1, 1, 3, 4), bool)
+    mask[0, 0, 1] = [True, True, True, False]
+    mask[0, 0, 1, :2] = False
+    f = lambda q, k, v: aj.dot_product_attention(q, k, v, jnp.asarray(bias), jnp.asarray(mask),
+                                                 implementation=implementation)
+    out = f(q, k, v)
+    np.testing.assert_array_equal(out[0, :2], 0.0)
+    visible = mask & np.isfinite(bias)
+    assert_close(out[0, 2], np_softmax_attention(q, k, v, mask=visible)[0][0, 2])
+    grads = jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2))(q, k, v)
+    chex.assert_tree_all_finite(grads)
+
+
+class _DispatchSuite(AttentionSuite):
+  IMPLEMENTATION = "reference"
+
+  def attention(self, q, k, v, **options):
+    return aj.dot_product_attention(q, k, v, implementation=self.IMPLEMENTATION, return_residual=True, **options)
+
+
+class ReferenceSuiteTest(_DispatchSuite):
+  """The shared suite through dot_product_attention: Hv != H, dense masks, garbage at hidden positions."""
+
+  @parameterized.named_parameters(*((n, n) for n in {**HV_CASES, **DENSE_CASES}))
+  def test_case(self, name):
+    self.check_case({**HV_CASES, **DENSE_CASES}[name], jnp.float32)
+
+  @parameterized.named_parameters(*((n, n) for n in NAN_CASES))
+  def test_nan_isolation(self, name):
+    self.check_nan_isolation(NAN_CASES[name], jnp.float32)
+
+
+class XlaSuiteTest(_DispatchSuite):
+  IMPLEMENTATION = "xla"
+
+  @parameterized.named_parameters(*((n, n) for n in DENSE_CASES))
+  def test_case(self, name):
+    self.check_case(DENSE_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*((n, n) for n in NAN_CASES))
+  def test_nan_isolation(self, name):
+    self.check_nan_isolation(NAN_CASES[name], jnp.float32)
+
+
+class DebugChecksTest(parameterized.TestCase):
+  """jax.debug_infs / jax.debug_nans stay silent on valid inputs, including rows with no visible key."""
+
+  @parameterized.product(implementation=IMPLS, jit=(False, True))
+  def test_silent(self, implementation, jit):
+    q, k, v = qkv(np.random.default_rng(36))
+    opts = dict(is_causal=True, key_value_seq_lengths=jnp.array([0, 6]), query_seq_lengths=jnp.array([7, 4]),
+                mask=jnp.asarray(np.random.default_rng(37).random((2, 1, 7, 9)) > 0.3))
+    f = lambda q, k, v: aj.dot_product_attention(q, k, v, implementation=implementation, return_residual=True,
+                                                 **opts)
+    g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2))
+    f, g = (jax.jit(f), jax.jit(g)) if jit else (f, g)
+    with jax.debug_infs(True), jax.debug_nans(True):
+      out, res = f(q, k, v)
+      grads = g(q, k, v)
+      aj.attend(jnp.ones((3, 4)), jnp.ones((4, 2)), jnp.asarray(np.tril(np.ones((3, 4), bool)) & (np.arange(4) > 0)))
+      aj.reference_attention(q, k, v, return_weights=True, **opts)
+    chex.assert_tree_all_finite((out, res, grads))
+
+
+class ForwardModeTest(parameterized.TestCase):
+  """Forward-mode and second-order derivatives through the custom-VJP paths (they use the reference formula)."""
+
+  @parameterized.parameters("blockwise", None)
+  def test_jvp_hessian_and_grad_of_grad(self, implementation):
+    with enable_x64():
+      q, k, v = qkv(np.random.default_rng(38), B=1, T=4, S=5, N=2, K=1, H=4, dtype=jnp.float64)
+      f = lambda q, k, v: aj.dot_product_attention(q, k, v, is_causal=True, implementation=implementation)
+      ref = lambda q, k, v: aj.dot_product_attention(q, k, v, is_causal=True, implementation="reference")
+      check_grads(f, (q, k, v), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+      t = jax.jvp(f, (q, k, v), (v[:, :4, :, :].repeat(2, 2), k, v))[1]
+      assert_close(t, jax.jvp(ref, (q, k, v), (v[:, :4, :, :].repeat(2, 2), k, v))[1], jnp.float64)
+      loss = lambda q: f(q, k, v).sum() ** 2
+      assert_close(jax.hessian(loss)(q), jax.hessian(lambda q: ref(q, k, v).sum() ** 2)(q), jnp.float64,
+                   kind="grad")
+      gg = jax.grad(lambda q: jax.grad(loss)(q).sum())(q)
+      assert_close(gg, jax.grad(lambda q: jax.grad(lambda q: ref(q, k, v).sum() ** 2)(q).sum())(q), jnp.float64,
+                   kind="grad")
