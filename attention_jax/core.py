@@ -13,8 +13,8 @@ Semantics shared by every implementation (docs/DESIGN.md):
 * softmax and accumulation in float32 (float64 for float64 inputs); output in the input dtype;
 * a query row with no visible key returns zeros with finite gradients;
 * positions a query cannot see never influence it: a NaN or Inf in a hidden key, value or bias entry changes
-  neither that query's output nor any gradient flowing through it; a non-finite value it *can* see makes its
-  output non-finite (NaN);
+  neither that query's output nor any gradient flowing through it. Non-finite entries it *can* see propagate: a
+  non-finite value makes its output NaN, a non-finite query or key enters its logits as computed;
 * ``return_residual=True`` also returns the logsumexp of the masked logits exactly as ``jax.nn`` does: shape
   ``query.shape[:-1]`` (``[B, T, N]``), the input dtype, no gradient. Rows with no visible key report the dtype's
   most negative finite value. Internally (ring merges, kernels) the logsumexp is a float32 ``[B, N, T]`` array with
@@ -394,22 +394,6 @@ def _per_query_head(x_BSK: jax.Array, N: int) -> jax.Array:
                           ).reshape(B, N, 1, S)
 
 
-def nonfinite_rows(inp: AttentionInputs, visible: jax.Array | None = None) -> jax.Array:
-  """Bool ``[B, N, T]``: rows that see (or whose query holds) a non-finite q, k or v entry."""
-  B, T, N, _ = inp.query.shape
-  S = inp.key.shape[1]
-  visible = visible_mask(inp) if visible is None else visible
-  kv_bad = _per_query_head(~(_finite_rows(inp.key) & _finite_rows(inp.value)), N)      # [B, N, 1, S]
-  q_bad = jnp.transpose(~_finite_rows(inp.query), (0, 2, 1))                           # [B, N, T]
-  if visible is None:
-    sees_bad = jnp.broadcast_to(jnp.any(kv_bad, axis=-1), (B, N, T))
-    sees_any = S > 0
-  else:
-    sees_bad = jnp.any(visible & kv_bad, axis=-1)
-    sees_any = jnp.any(jnp.broadcast_to(visible, (*visible.shape[:-1], S)), axis=-1)
-  return jnp.broadcast_to(sees_bad | (q_bad & sees_any), (B, N, T))
-
-
 # ----------------------------------------------------------------------------------------------------------
 # Implementations
 # ----------------------------------------------------------------------------------------------------------
@@ -441,9 +425,13 @@ def reference_core(inp: AttentionInputs, weights_fn: Callable[[jax.Array], jax.A
   S, K, Hv = inp.value.shape[1:]
   visible = visible_mask(inp)
   logits = _logits(inp, _clean(inp.query), _clean(inp.key))
+  # The logits of pairs that a non-finite q or k touches are the raw ones (+-inf or NaN, as plain attention gives);
+  # no gradient flows through them, so a hidden one cannot leak through the masked softmax's zero cotangent.
   q_bad = jnp.transpose(~_finite_rows(inp.query), (0, 2, 1))[..., None]                 # [B, N, T, 1]
   k_bad = _per_query_head(~_finite_rows(inp.key), N)                                   # [B, N, 1, S]
-  logits = jnp.where(q_bad | k_bad, jnp.nan, logits)        # exactly the pairs a non-finite q or k touches
+  raw = jax.lax.cond(jnp.any(q_bad) | jnp.any(k_bad),
+                     lambda: jax.lax.stop_gradient(_logits(inp, inp.query, inp.key)), lambda: logits)
+  logits = jnp.where(q_bad | k_bad, raw, logits)
   if inp.bias is not None:
     logits = logits + inp.bias.astype(logits.dtype)
   weights_BNTS, lse_BNT = masked_softmax(logits, visible)
@@ -466,10 +454,9 @@ def _reference_impl(inp: AttentionInputs) -> tuple[jax.Array, jax.Array]:
 def _jax_nn_impl(inp: AttentionInputs, implementation: str) -> tuple[jax.Array, jax.Array]:
   """Delegates to ``jax.nn.dot_product_attention`` and enforces our contract around it.
 
-  Segment ids and ``-inf`` biases are folded into the boolean mask; inputs enter cleaned and rows that see a
-  non-finite entry are set to NaN afterwards (jax.nn would let a hidden NaN through ``0 * NaN``); rows with no
-  visible key return zeros (jax.nn averages the values). float64 inputs run the plain formula in float64 (jax.nn
-  rounds its softmax through float32).
+  Segment ids and ``-inf`` biases are folded into the boolean mask; rows with no visible key return zeros (jax.nn
+  averages the values). Calls whose q, k or v hold a non-finite entry run the plain formula (jax.nn would let a
+  hidden NaN through ``0 * NaN``), and so do float64 inputs (jax.nn rounds its softmax through float32).
   """
   if inp.logits_soft_cap is not None:
     raise UnsupportedError(f"implementation={implementation!r} (jax.nn.dot_product_attention) has no "
@@ -483,13 +470,19 @@ def _jax_nn_impl(inp: AttentionInputs, implementation: str) -> tuple[jax.Array, 
                            f"{jax.default_backend()!r}")
   if inp.query.dtype == jnp.float64:
     return _reference_impl(inp)
+  all_finite = jnp.all(jnp.isfinite(inp.query)) & jnp.all(jnp.isfinite(inp.key)) & jnp.all(jnp.isfinite(inp.value))
+  # jax.nn lets a hidden NaN through 0 * NaN; inputs with a non-finite entry take the plain formula, which does not.
+  return jax.lax.cond(all_finite, lambda: _jax_nn_call(inp, implementation), lambda: _reference_impl(inp))
+
+
+def _jax_nn_call(inp: AttentionInputs, implementation: str) -> tuple[jax.Array, jax.Array]:
   mask = inp.mask
   if inp.q_segment_ids is not None:
     mask = masks_lib.combine_masks(mask, masks_lib.segment_mask(inp.q_segment_ids, inp.kv_segment_ids))
   if inp.bias is not None:
     mask = masks_lib.combine_masks(mask, ~jnp.isneginf(inp.bias))
   bias = None if inp.bias is None else jnp.where(jnp.isneginf(inp.bias), 0, inp.bias)
-  q, k, v = _clean(inp.query), _clean(inp.key), _clean(inp.value)
+  q, k, v = inp.query, inp.key, inp.value
   if q.dtype == jnp.float16 and jax.default_backend() == "cpu":
     q, k, v = (x.astype(jnp.float32) for x in (q, k, v))    # XLA:CPU has no compiled f16 x f16 -> f32 dot
   out, lse_BTN = jax.nn.dot_product_attention(
@@ -503,11 +496,6 @@ def _jax_nn_impl(inp: AttentionInputs, implementation: str) -> tuple[jax.Array, 
     # jax.nn returns the mean of the values on fully masked rows; our contract says zeros.
     out = jnp.where(jnp.transpose(visible, (0, 2, 1))[..., None], out, jnp.zeros_like(out))
     lse = jnp.where(visible, lse, -jnp.inf)
-  has_bad = ~(jnp.all(jnp.isfinite(inp.query)) & jnp.all(jnp.isfinite(inp.key)) & jnp.all(jnp.isfinite(inp.value)))
-  bad_BNT = jax.lax.cond(has_bad, lambda: nonfinite_rows(inp),
-                         lambda: jnp.zeros((inp.query.shape[0], inp.query.shape[2], inp.query.shape[1]), bool))
-  out = jnp.where(jnp.transpose(bad_BNT, (0, 2, 1))[..., None], jnp.nan, out)
-  lse = jnp.where(bad_BNT, jnp.nan, lse)
   return out, jax.lax.stop_gradient(lse)
 
 
