@@ -4,18 +4,48 @@ The parameter layout is that of ``flax.nnx.MultiHeadAttention`` / ``flax.linen.M
 (``query/key/value/out`` each with ``kernel`` and ``bias``), so weights move between them unchanged::
 
   query.kernel [D, N, H]   key.kernel [Dkv, K, H]   value.kernel [Dkv, K, H]   out.kernel [N, H, D]
+
+Dtypes: :func:`multi_head_attention` computes in the promoted dtype of its inputs and parameters (float32
+parameters with float64 inputs under ``jax_enable_x64`` compute, and return, float64; the float32 weights are
+exact in float64). ``init_multi_head(..., dtype=jnp.float64)`` makes float64 parameters. Projections use
+``Precision.HIGHEST``, so float32 stays float32 on accelerators too.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import operator
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from attention_jax import core
 
 Params = dict[str, dict[str, jax.Array]]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def _positive_int(name: str, value: Any) -> int:
+  """A positive static integer (Python or NumPy int, not bool)."""
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a positive int, not a bool; got {name}={value!r}")
+  try:
+    value = operator.index(value)
+  except TypeError:
+    raise TypeError(f"{name} must be a positive int; got {name}={value!r} ({type(value).__name__})") from None
+  if value <= 0:
+    raise ValueError(f"{name} must be positive; got {name}={value}")
+  return value
+
+
+def _head_counts(num_heads: Any, num_kv_heads: Any) -> tuple[int, int]:
+  num_heads = _positive_int("num_heads", num_heads)
+  num_kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+  if num_heads % num_kv_heads:
+    raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+  return num_heads, num_kv_heads
 
 
 def init_multi_head(rng: jax.Array, d_model: int, num_heads: int, num_kv_heads: int | None = None,
@@ -27,16 +57,25 @@ def init_multi_head(rng: jax.Array, d_model: int, num_heads: int, num_kv_heads: 
     d_model: query input (and output) features D.
     num_heads: query heads N; ``num_kv_heads`` K (default N) must divide it.
     d_kv: features of the key/value input for cross-attention (default ``d_model``).
-    head_dim: per-head features H (default ``d_model // num_heads``).
+    head_dim: per-head features H (default ``d_model // num_heads``, which then must divide evenly).
+    dtype: parameter dtype, a real floating dtype (float64 needs ``jax_enable_x64``).
+
+  Every size is a positive int; anything else raises ``ValueError`` (``TypeError`` for a non-int).
   """
-  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-  d_kv = d_model if d_kv is None else d_kv
-  if num_kv_heads <= 0 or num_heads % num_kv_heads:
-    raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+  d_model = _positive_int("d_model", d_model)
+  num_heads, num_kv_heads = _head_counts(num_heads, num_kv_heads)
+  d_kv = d_model if d_kv is None else _positive_int("d_kv", d_kv)
   if head_dim is None:
     if d_model % num_heads:
       raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} (or pass head_dim)")
     head_dim = d_model // num_heads
+  head_dim = _positive_int("head_dim", head_dim)
+  try:
+    floating = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError:
+    floating = False
+  if not floating:
+    raise TypeError(f"init_multi_head: dtype must be a real floating dtype; got dtype={dtype!r}")
   rq, rk, rv, ro = jax.random.split(rng, 4)
   in_init = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
   out_init = jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)
@@ -55,47 +94,84 @@ def init_multi_head(rng: jax.Array, d_model: int, num_heads: int, num_kv_heads: 
   }
 
 
-def _project_in(p: dict[str, jax.Array], x_BTD: jax.Array, dtype: Any) -> jax.Array:
-  y = jnp.einsum("btd,dnh->btnh", x_BTD.astype(dtype), p["kernel"].astype(dtype))
+def _project_in(p: Mapping[str, jax.Array], x_BTD: jax.Array, dtype: Any) -> jax.Array:
+  y = jnp.einsum("btd,dnh->btnh", x_BTD.astype(dtype), p["kernel"].astype(dtype), precision=_HIGHEST)
   if "bias" in p:
     y = y + p["bias"].astype(dtype)[None, None]
   return y
 
 
-def multi_head_attention(params: Params, x_q: jax.Array, x_kv: jax.Array | None = None, *, num_heads: int,
-                         num_kv_heads: int | None = None, mask: jax.Array | None = None, is_causal: bool = False,
-                         implementation: str | None = None, return_weights: bool = False, **attention_options
-                         ) -> tuple[jax.Array, jax.Array | None]:
+def _float_input(name: str, x: Any) -> jax.Array:
+  try:
+    x = jnp.asarray(x)
+  except TypeError:
+    raise TypeError(f"{name} must be a real floating-point array; got {type(x).__name__}") from None
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{name} must be a real floating-point array; got dtype={x.dtype} shape={x.shape}")
+  return x
+
+
+def _check_params(params: Any, x_q: jax.Array, x_kv: jax.Array, num_heads: int, num_kv_heads: int) -> Params:
+  """Arrays of ``params`` after checking names, dtypes and shapes against the inputs and head counts."""
+  context = f"{x_q.shape=} {x_kv.shape=} num_heads={num_heads} num_kv_heads={num_kv_heads}"
+  names = ("query", "key", "value", "out")
+  if not isinstance(params, Mapping) or any(not isinstance(params.get(n), Mapping) or "kernel" not in params[n]
+                                            for n in names):
+    got = {n: sorted(p) if isinstance(p, Mapping) else type(p).__name__ for n, p in params.items()} \
+        if isinstance(params, Mapping) else type(params).__name__
+    raise ValueError(f"params must be {{'query'|'key'|'value'|'out': {{'kernel', optional 'bias'}}}} "
+                     f"(see init_multi_head); got {got}")
+  arrays = {n: {leaf: _float_input(f"params[{n!r}][{leaf!r}]", a) for leaf, a in params[n].items()
+                if leaf in ("kernel", "bias")} for n in names}
+  wq = arrays["query"]["kernel"].shape
+  if len(wq) != 3 or wq[:2] != (x_q.shape[-1], num_heads):
+    raise ValueError(f"params['query']['kernel'] has shape {wq}; expected ({x_q.shape[-1]}, {num_heads}, H) for "
+                     f"{context}")
+  head_dim = wq[2]
+  for name in ("key", "value"):
+    shape = arrays[name]["kernel"].shape
+    if len(shape) != 3 or shape[:2] != (x_kv.shape[-1], num_kv_heads) or (name == "key" and shape[2] != head_dim):
+      want = f"({x_kv.shape[-1]}, {num_kv_heads}, {head_dim if name == 'key' else 'Hv'})"
+      raise ValueError(f"params[{name!r}]['kernel'] has shape {shape}; expected {want} for {context}")
+  head_dim_v = arrays["value"]["kernel"].shape[2]
+  wo = arrays["out"]["kernel"].shape
+  if len(wo) != 3 or wo[:2] != (num_heads, head_dim_v):
+    raise ValueError(f"params['out']['kernel'] has shape {wo}; expected ({num_heads}, {head_dim_v}, D_out)")
+  for name, want in (("query", (num_heads, head_dim)), ("key", (num_kv_heads, head_dim)),
+                     ("value", (num_kv_heads, head_dim_v)), ("out", (wo[2],))):
+    if "bias" in arrays[name] and arrays[name]["bias"].shape != want:
+      raise ValueError(f"params[{name!r}]['bias'] has shape {arrays[name]['bias'].shape}; expected {want}")
+  return arrays
+
+
+def multi_head_attention(params: Params, x_q: jax.typing.ArrayLike, x_kv: jax.typing.ArrayLike | None = None, *,
+                         num_heads: int, num_kv_heads: int | None = None, mask: jax.Array | None = None,
+                         is_causal: bool = False, implementation: str | None = None, return_weights: bool = False,
+                         **attention_options) -> tuple[jax.Array, jax.Array | None]:
   """Multi-head attention of ``x_q [B, T, D]`` over ``x_kv [B, S, Dkv]`` (default ``x_q``: self-attention).
 
   ``mask`` (bool, broadcastable to ``[B, N, T, S]``), ``is_causal`` and ``attention_options`` (``scale``,
   ``local_window_size``, ``query_seq_lengths``, ``key_value_seq_lengths``, segment ids, ``logits_soft_cap``,
   ``bias``) go to :func:`attention_jax.dot_product_attention`. Computation runs in the promoted dtype of the
-  inputs and parameters.
+  inputs and parameters (float64 end to end for float64 inputs under ``jax_enable_x64``). Inputs must be real
+  floating point; ranks, batch sizes, head counts and parameter shapes are checked up front (``ValueError``).
 
   Returns:
     ``(output [B, T, D], weights [B, N, T, S] or None)``; weights need the reference implementation
     (``implementation`` None, "auto" or "reference").
   """
-  x_q = jnp.asarray(x_q)
-  x_kv = x_q if x_kv is None else jnp.asarray(x_kv)
-  num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+  x_q = _float_input("x_q", x_q)
+  x_kv = x_q if x_kv is None else _float_input("x_kv", x_kv)
+  num_heads, num_kv_heads = _head_counts(num_heads, num_kv_heads)
   if x_q.ndim != 3 or x_kv.ndim != 3:
     raise ValueError(f"x_q must be [B, T, D] and x_kv [B, S, Dkv]; got {x_q.shape=} {x_kv.shape=}")
-  wq, wk, wo = (jnp.shape(params[n]["kernel"]) for n in ("query", "key", "out"))
-  expected = {"query": (x_q.shape[-1], num_heads), "key": (x_kv.shape[-1], num_kv_heads),
-              "value": (x_kv.shape[-1], num_kv_heads)}
-  for name, (d_in, heads) in expected.items():
-    shape = jnp.shape(params[name]["kernel"])
-    if len(shape) != 3 or shape[:2] != (d_in, heads) or shape[2] != wq[2]:
-      raise ValueError(f"params[{name!r}]['kernel'] has shape {shape}; expected ({d_in}, {heads}, H) for "
-                       f"{x_q.shape=} {x_kv.shape=} num_heads={num_heads} num_kv_heads={num_kv_heads}")
-  if wo[:2] != wq[1:]:
-    raise ValueError(f"params['out']['kernel'] has shape {wo}; expected {wq[1:]} + (D_out,)")
-  dtype = jnp.result_type(x_q, x_kv, *jax.tree.leaves(params))
-  q = _project_in(params["query"], x_q, dtype)
-  k = _project_in(params["key"], x_kv, dtype)
-  v = _project_in(params["value"], x_kv, dtype)
+  if x_q.shape[0] != x_kv.shape[0]:
+    raise ValueError(f"x_q and x_kv must have the same batch size B; got {x_q.shape=} {x_kv.shape=}")
+  p = _check_params(params, x_q, x_kv, num_heads, num_kv_heads)
+  dtype = jnp.result_type(x_q, x_kv, *jax.tree.leaves(p))
+  q = _project_in(p["query"], x_q, dtype)
+  k = _project_in(p["key"], x_kv, dtype)
+  v = _project_in(p["value"], x_kv, dtype)
   weights = None
   if return_weights:
     if implementation not in (None, "auto", "reference"):
@@ -106,7 +182,7 @@ def multi_head_attention(params: Params, x_q: jax.Array, x_kv: jax.Array | None 
   else:
     o = core.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal, implementation=implementation,
                                    **attention_options)
-  out = jnp.einsum("btnh,nhd->btd", o, params["out"]["kernel"].astype(dtype))
-  if "bias" in params["out"]:
-    out = out + params["out"]["bias"].astype(dtype)[None, None]
+  out = jnp.einsum("btnh,nhd->btd", o, p["out"]["kernel"].astype(dtype), precision=_HIGHEST)
+  if "bias" in p["out"]:
+    out = out + p["out"]["bias"].astype(dtype)[None, None]
   return out, weights

@@ -2,7 +2,10 @@
 
 Every function maps a query ``q [..., T, Dq]`` and keys ``k [..., S, Dk]`` to logits ``[..., T, S]``.
 Leading (batch / head) dimensions broadcast. Logits are accumulated and returned in float32 (float64
-if the inputs are float64), whatever the input dtype, because they feed a softmax.
+if any input is float64, under ``jax_enable_x64``), whatever the input dtype, because they feed a softmax.
+Inputs and parameters must be real floating point (integer, bool and complex arrays raise ``TypeError``);
+mixed float dtypes are promoted. Zero-size inputs (T, S or a batch dim 0) give empty logits; a zero depth gives
+zero logits.
 
 * :func:`dot`         Luong et al. 2015, "dot":      ``q · k``
 * :func:`scaled_dot`  Vaswani et al. 2017:           ``q · k / sqrt(Dk)``
@@ -15,10 +18,12 @@ Parameters are plain pytrees (dicts of arrays) made by :func:`init_general` / :f
 from __future__ import annotations
 
 import math
-from typing import Any
+import operator
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Params = dict[str, jax.Array]
 
@@ -29,8 +34,29 @@ def _accum_dtype(*arrays: jax.Array) -> Any:
   return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
+def _float_array(fn: str, name: str, x: Any) -> jax.Array:
+  """``x`` as an array of a real floating dtype; anything else is a ``TypeError`` naming it."""
+  try:
+    x = jnp.asarray(x)
+  except TypeError:
+    raise TypeError(f"{fn}: {name} must be a real floating-point array; got {type(x).__name__}") from None
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"{fn}: {name} must be a real floating-point array; got dtype={x.dtype} shape={x.shape}")
+  return x
+
+
+def _param(fn: str, params: Mapping[str, Any], name: str, ndim: int) -> jax.Array:
+  if not isinstance(params, Mapping) or name not in params:
+    got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
+    raise ValueError(f"{fn}: params must be a dict with {name!r}; got {got}")
+  p = _float_array(fn, name, params[name])
+  if p.ndim != ndim:
+    raise ValueError(f"{fn}: {name} must have rank {ndim}; got {name}.shape={p.shape}")
+  return p
+
+
 def _check_qk(name: str, q: jax.Array, k: jax.Array, same_depth: bool) -> tuple[jax.Array, jax.Array]:
-  q, k = jnp.asarray(q), jnp.asarray(k)
+  q, k = _float_array(name, "q", q), _float_array(name, "k", k)
   if q.ndim < 2 or k.ndim < 2:
     raise ValueError(f"{name}: q and k need shape [..., T, D] and [..., S, D]; got {q.shape=} {k.shape=}")
   if same_depth and q.shape[-1] != k.shape[-1]:
@@ -46,39 +72,71 @@ def _check_qk(name: str, q: jax.Array, k: jax.Array, same_depth: bool) -> tuple[
   return q, k
 
 
-def dot(q: jax.Array, k: jax.Array) -> jax.Array:
+def _check_dim(fn: str, name: str, value: Any) -> int:
+  """A positive static integer (Python or NumPy int, not bool)."""
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{fn}: {name} must be a positive int, not a bool; got {name}={value!r}")
+  try:
+    value = operator.index(value)
+  except TypeError:
+    raise TypeError(f"{fn}: {name} must be a positive int; got {name}={value!r} ({type(value).__name__})") from None
+  if value <= 0:
+    raise ValueError(f"{fn}: {name} must be positive; got {name}={value}")
+  return value
+
+
+def _check_dtype(fn: str, dtype: Any) -> Any:
+  try:
+    ok = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    raise TypeError(f"{fn}: dtype must be a real floating dtype; got dtype={dtype!r}")
+  return dtype
+
+
+def dot(q: jax.typing.ArrayLike, k: jax.typing.ArrayLike) -> jax.Array:
   """Luong "dot" score: ``logits[..., t, s] = q[..., t, :] · k[..., s, :]``."""
   q, k = _check_qk("dot", q, k, same_depth=True)
   dtype = _accum_dtype(q, k)
   return jnp.einsum("...td,...sd->...ts", q, k, precision=_HIGHEST, preferred_element_type=dtype)
 
 
-def scaled_dot(q: jax.Array, k: jax.Array, scale: float | None = None) -> jax.Array:
-  """Scaled dot product (Vaswani et al.): ``q · k * scale`` with ``scale=None`` meaning ``1/sqrt(Dk)``."""
+def scaled_dot(q: jax.typing.ArrayLike, k: jax.typing.ArrayLike, scale: float | None = None) -> jax.Array:
+  """Scaled dot product (Vaswani et al.): ``q · k * scale`` with ``scale=None`` meaning ``1/sqrt(Dk)``
+  (1 when ``Dk = 0``: the logits are then zeros)."""
   logits = dot(q, k)
   if scale is None:
-    scale = 1.0 / math.sqrt(jnp.shape(k)[-1])
+    depth = jnp.shape(k)[-1]
+    scale = 1.0 / math.sqrt(depth) if depth else 1.0
   return logits * jnp.asarray(scale, logits.dtype)
 
 
 def init_general(rng: jax.Array, dq: int, dk: int, dtype: Any = jnp.float32) -> Params:
-  """Parameters of :func:`general`: ``{"W": [dq, dk]}`` (Glorot-uniform)."""
+  """Parameters of :func:`general`: ``{"W": [dq, dk]}`` (Glorot-uniform); ``dq``, ``dk`` positive ints."""
+  dq, dk = _check_dim("init_general", "dq", dq), _check_dim("init_general", "dk", dk)
+  dtype = _check_dtype("init_general", dtype)
   return {"W": jax.nn.initializers.glorot_uniform()(rng, (dq, dk), dtype)}
 
 
-def general(params: Params, q: jax.Array, k: jax.Array) -> jax.Array:
+def general(params: Params, q: jax.typing.ArrayLike, k: jax.typing.ArrayLike) -> jax.Array:
   """Luong "general" (bilinear) score: ``logits[..., t, s] = q[..., t, :] W k[..., s, :]ᵀ``."""
   q, k = _check_qk("general", q, k, same_depth=False)
-  w_QK = jnp.asarray(params["W"])
+  w_QK = _param("general", params, "W", 2)
   if w_QK.shape != (q.shape[-1], k.shape[-1]):
-    raise ValueError(f"general: W must be [Dq, Dk] = {(q.shape[-1], k.shape[-1])}; got W.shape={w_QK.shape}")
+    raise ValueError(f"general: W must be [Dq, Dk] = {(q.shape[-1], k.shape[-1])}; got W.shape={w_QK.shape} "
+                     f"for {q.shape=} {k.shape=}")
   dtype = _accum_dtype(q, k, w_QK)
   qw = jnp.einsum("...td,de->...te", q, w_QK, precision=_HIGHEST, preferred_element_type=dtype)
   return jnp.einsum("...te,...se->...ts", qw, k, precision=_HIGHEST, preferred_element_type=dtype)
 
 
 def init_additive(rng: jax.Array, dq: int, dk: int, attn_dim: int, dtype: Any = jnp.float32) -> Params:
-  """Parameters of :func:`additive`: ``{"W": [dq, A], "U": [dk, A], "v": [A]}`` (Glorot-uniform)."""
+  """Parameters of :func:`additive`: ``{"W": [dq, A], "U": [dk, A], "v": [A]}`` (Glorot-uniform); dims positive
+  ints."""
+  dq, dk = _check_dim("init_additive", "dq", dq), _check_dim("init_additive", "dk", dk)
+  attn_dim = _check_dim("init_additive", "attn_dim", attn_dim)
+  dtype = _check_dtype("init_additive", dtype)
   rw, ru, rv = jax.random.split(rng, 3)
   glorot = jax.nn.initializers.glorot_uniform()
   return {
@@ -88,34 +146,45 @@ def init_additive(rng: jax.Array, dq: int, dk: int, attn_dim: int, dtype: Any = 
   }
 
 
-def project_keys(params: Params, k: jax.Array) -> jax.Array:
-  """``U k`` of :func:`additive`, which a decoder can compute once per source sequence."""
-  k = jnp.asarray(k)
-  u_KA = jnp.asarray(params["U"])
+def project_keys(params: Params, k: jax.typing.ArrayLike) -> jax.Array:
+  """``U k`` of :func:`additive`, which a decoder can compute once per source sequence: ``[..., S, A]``."""
+  k = _float_array("project_keys", "k", k)
+  u_KA = _param("project_keys", params, "U", 2)
   if k.ndim < 2 or k.shape[-1] != u_KA.shape[0]:
-    raise ValueError(f"additive: keys must be [..., S, Dk] with Dk = U.shape[0]; got {k.shape=} {u_KA.shape=}")
+    raise ValueError(f"project_keys: keys must be [..., S, Dk] with Dk = U.shape[0]; got {k.shape=} "
+                     f"U.shape={u_KA.shape}")
   return jnp.einsum("...sd,da->...sa", k, u_KA, precision=_HIGHEST, preferred_element_type=_accum_dtype(k, u_KA))
 
 
-def additive(params: Params, q: jax.Array, k: jax.Array, *, projected_keys: jax.Array | None = None) -> jax.Array:
+def additive(params: Params, q: jax.typing.ArrayLike, k: jax.typing.ArrayLike, *,
+             projected_keys: jax.typing.ArrayLike | None = None) -> jax.Array:
   """Bahdanau additive / Luong "concat" score: ``logits[..., t, s] = vᵀ tanh(W q_t + U k_s)``.
 
   Luong's concat form ``vᵀ tanh(W_a [q; k])`` is the same function with ``W_a = [W; U]``. The
   intermediate is ``[..., T, S, A]``, as the score itself requires. ``projected_keys`` (from
-  :func:`project_keys`) skips recomputing ``U k`` when the same keys are scored many times.
+  :func:`project_keys`, ``[..., S, A]``) skips recomputing ``U k`` when the same keys are scored many times.
   """
   q, k = _check_qk("additive", q, k, same_depth=False)
-  w_QA, v_A = jnp.asarray(params["W"]), jnp.asarray(params["v"])
+  w_QA, u_KA, v_A = (_param("additive", params, n, r) for n, r in (("W", 2), ("U", 2), ("v", 1)))
   attn_dim = v_A.shape[-1]
-  if w_QA.shape != (q.shape[-1], attn_dim) or jnp.shape(params["U"]) != (k.shape[-1], attn_dim):
+  if w_QA.shape != (q.shape[-1], attn_dim) or u_KA.shape != (k.shape[-1], attn_dim):
     raise ValueError(
         f"additive: expected W [Dq, A]={(q.shape[-1], attn_dim)} and U [Dk, A]={(k.shape[-1], attn_dim)};"
-        f" got W.shape={w_QA.shape} U.shape={jnp.shape(params['U'])} v.shape={v_A.shape}")
-  dtype = _accum_dtype(q, k, w_QA, v_A)
+        f" got W.shape={w_QA.shape} U.shape={u_KA.shape} v.shape={v_A.shape} for {q.shape=} {k.shape=}")
+  dtype = _accum_dtype(q, k, w_QA, u_KA, v_A)
   wq = jnp.einsum("...td,da->...ta", q, w_QA, precision=_HIGHEST, preferred_element_type=dtype)
-  uk = project_keys(params, k) if projected_keys is None else jnp.asarray(projected_keys, dtype)
-  if uk.shape[-1] != attn_dim or uk.shape[-2] != k.shape[-2]:
-    raise ValueError(f"additive: projected_keys must be [..., S, A]; got {uk.shape=} for {k.shape=}, A={attn_dim}")
+  if projected_keys is None:
+    uk = project_keys(params, k).astype(dtype)
+  else:
+    uk = _float_array("additive", "projected_keys", projected_keys).astype(dtype)
+    if uk.ndim < 2 or uk.shape[-1] != attn_dim or uk.shape[-2] != k.shape[-2]:
+      raise ValueError(f"additive: projected_keys must be [..., S, A]; got projected_keys.shape={uk.shape} for "
+                       f"{k.shape=}, A={attn_dim}")
+    try:
+      jnp.broadcast_shapes(uk.shape[:-2], q.shape[:-2])
+    except ValueError:
+      raise ValueError(f"additive: leading dims of projected_keys and q do not broadcast; got "
+                       f"projected_keys.shape={uk.shape} {q.shape=}") from None
   rank = max(wq.ndim, uk.ndim)
   wq = wq.reshape((1,) * (rank - wq.ndim) + wq.shape)
   uk = uk.reshape((1,) * (rank - uk.ndim) + uk.shape)

@@ -6,6 +6,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import attention_jax as aj
@@ -98,6 +99,131 @@ class ScoresTest(chex.TestCase):
       scores.additive(self.additive, self.q, self.k)
     with self.assertRaisesRegex(ValueError, "do not broadcast"):
       scores.dot(self.q, self.k[:2])
+
+
+
+def enable_x64():
+  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
+
+
+_F32 = np.float32
+_GENERAL = {"W": np.ones((8, 4), _F32)}
+_ADDITIVE = {"W": np.ones((8, 7), _F32), "U": np.ones((4, 7), _F32), "v": np.ones((7,), _F32)}
+_Q, _K, _K4 = np.ones((3, 5, 8), _F32), np.ones((3, 6, 8), _F32), np.ones((3, 6, 4), _F32)
+_RNG = jax.random.key(0)
+
+# (callable, args, expected exception, message regex)
+BAD_INPUT = [
+    (scores.dot, (np.ones(8, _F32), _K), ValueError, r"q.shape=\(8,\) k.shape=\(3, 6, 8\)"),
+    (scores.dot, (_Q, np.ones(8, _F32)), ValueError, r"k.shape=\(8,\)"),
+    (scores.dot, (_Q, _K4), ValueError, r"same last dim.*q.shape=\(3, 5, 8\) k.shape=\(3, 6, 4\)"),
+    (scores.scaled_dot, (_Q, _K4), ValueError, r"q.shape=\(3, 5, 8\) k.shape=\(3, 6, 4\)"),
+    (scores.dot, (_Q, np.ones((2, 6, 8), _F32)), ValueError, r"do not broadcast.*k.shape=\(2, 6, 8\)"),
+    (scores.dot, (np.ones((3, 5, 8), np.int32), _K), TypeError, r"dot: q.*floating.*dtype=int32 shape=\(3, 5, 8\)"),
+    (scores.dot, (_Q, np.ones((3, 6, 8), bool)), TypeError, r"dot: k.*dtype=bool"),
+    (scores.scaled_dot, (_Q, np.ones((3, 6, 8), np.complex64)), TypeError, r"k.*dtype=complex64"),
+    (scores.dot, ("abc", _K), TypeError, r"dot: q.*floating"),
+    (scores.general, (_GENERAL, _Q, _K), ValueError, r"W must be \[Dq, Dk\] = \(8, 8\).*W.shape=\(8, 4\)"),
+    (scores.general, (_GENERAL, _Q[0, 0], _K4), ValueError, r"q.shape=\(8,\)"),
+    (scores.general, (_GENERAL, _Q, _K4[:2]), ValueError, r"do not broadcast.*k.shape=\(2, 6, 4\)"),
+    (scores.general, (_GENERAL, _Q.astype(np.int32), _K4), TypeError, r"general: q.*int32"),
+    (scores.general, ({"W": np.ones((8, 4), np.int32)}, _Q, _K4), TypeError, r"general: W.*int32"),
+    (scores.general, ({"W": np.ones((8, 4, 1), _F32)}, _Q, _K4), ValueError, r"W must have rank 2.*\(8, 4, 1\)"),
+    (scores.general, ({"U": np.ones((8, 4), _F32)}, _Q, _K4), ValueError, r"dict with 'W'.*\['U'\]"),
+    (scores.general, (np.ones((8, 4), _F32), _Q, _K4), ValueError, r"dict with 'W'.*ndarray"),
+    (scores.additive, (_ADDITIVE, _Q, _K), ValueError, r"U \[Dk, A\]=\(8, 7\).*U.shape=\(4, 7\)"),
+    (scores.additive, ({**_ADDITIVE, "v": np.ones((6,), _F32)}, _Q, _K4), ValueError, r"W.shape=\(8, 7\).*v.shape"),
+    (scores.additive, ({**_ADDITIVE, "v": np.float32(1.0)}, _Q, _K4), ValueError, r"v must have rank 1.*\(\)"),
+    (scores.additive, ({**_ADDITIVE, "v": np.ones(7, np.int32)}, _Q, _K4), TypeError, r"additive: v.*int32"),
+    (scores.additive, (_ADDITIVE, _Q, _K4.astype(bool)), TypeError, r"additive: k.*bool"),
+    (scores.additive, (_ADDITIVE, _Q, _K4[:2]), ValueError, r"do not broadcast"),
+    (lambda: scores.additive(_ADDITIVE, _Q, _K4, projected_keys=np.ones((3, 6, 5), _F32)), (), ValueError,
+     r"projected_keys must be \[\.\.\., S, A\].*\(3, 6, 5\)"),
+    (lambda: scores.additive(_ADDITIVE, _Q, _K4, projected_keys=np.ones((2, 6, 7), _F32)), (), ValueError,
+     r"projected_keys and q do not broadcast.*\(2, 6, 7\)"),
+    (lambda: scores.additive(_ADDITIVE, _Q, _K4, projected_keys=np.ones((3, 6, 7), np.int32)), (), TypeError,
+     r"projected_keys.*int32"),
+    (scores.project_keys, (_ADDITIVE, _K), ValueError, r"k.shape=\(3, 6, 8\) U.shape=\(4, 7\)"),
+    (scores.project_keys, (_ADDITIVE, np.ones(4, _F32)), ValueError, r"k.shape=\(4,\)"),
+    (scores.project_keys, (_ADDITIVE, np.ones((6, 4), np.int8)), TypeError, r"project_keys: k.*int8"),
+    (scores.project_keys, ({"W": _ADDITIVE["W"]}, _K4), ValueError, r"dict with 'U'"),
+    (scores.init_general, (_RNG, 0, 4), ValueError, r"dq must be positive.*dq=0"),
+    (scores.init_general, (_RNG, 4, -2), ValueError, r"dk must be positive.*dk=-2"),
+    (scores.init_general, (_RNG, 4.0, 4), TypeError, r"dq must be a positive int.*dq=4\.0"),
+    (scores.init_general, (_RNG, 4, True), TypeError, r"dk.*bool.*dk=True"),
+    (scores.init_general, (_RNG, "4", 4), TypeError, r"dq.*dq='4'"),
+    (scores.init_general, (_RNG, 4, 4, jnp.int32), TypeError, r"dtype must be a real floating dtype"),
+    (scores.init_additive, (_RNG, 4, 4, 0), ValueError, r"attn_dim must be positive.*attn_dim=0"),
+    (scores.init_additive, (_RNG, 4, 4, 2.5), TypeError, r"attn_dim.*attn_dim=2\.5"),
+    (scores.init_additive, (_RNG, -1, 4, 3), ValueError, r"dq=-1"),
+    (scores.init_additive, (_RNG, 4, None, 3), TypeError, r"dk=None"),
+]
+
+
+@pytest.mark.parametrize("fn,args,exc,regex", BAD_INPUT, ids=[str(i) for i in range(len(BAD_INPUT))])
+def test_bad_input_table(fn, args, exc, regex):
+  with pytest.raises(exc, match=regex):
+    fn(*args)
+
+
+def test_init_accepts_numpy_ints():
+  p = scores.init_additive(jax.random.key(0), np.int64(3), np.int32(2), np.uint8(5))
+  chex.assert_shape([p["W"], p["U"], p["v"]], [(3, 5), (2, 5), (5,)])
+  chex.assert_shape(scores.init_general(jax.random.key(0), np.int16(2), 6)["W"], (2, 6))
+
+
+def test_float64_computes_in_float64():
+  r = np.random.default_rng(7)
+  q, k, k2 = r.standard_normal((2, 5, 8)), r.standard_normal((2, 6, 8)), r.standard_normal((2, 6, 4))
+  with enable_x64():
+    general_p = scores.init_general(jax.random.key(0), 8, 4, dtype=jnp.float64)
+    additive_p = scores.init_additive(jax.random.key(1), 8, 4, 7, dtype=jnp.float64)
+    q64, k64, k264 = (jnp.asarray(x, jnp.float64) for x in (q, k, k2))
+    got = {
+        "dot": scores.dot(q64, k64),
+        "scaled_dot": scores.scaled_dot(q64, k64),
+        "general": scores.general(general_p, q64, k264),
+        "additive": scores.additive(additive_p, q64, k264),
+        "additive_projected": scores.additive(additive_p, q64, k264,
+                                              projected_keys=scores.project_keys(additive_p, k264)),
+        # float32 parameters with float64 inputs promote to float64 (the float32 weights are exact in float64).
+        "general_f32_params": scores.general(jax.tree.map(lambda a: a.astype(jnp.float32), general_p), q64, k264),
+    }
+    W = np.asarray(general_p["W"], np.float64)
+    W32 = np.asarray(general_p["W"].astype(jnp.float32), np.float64)
+  want = {
+      "dot": q @ np.swapaxes(k, -1, -2),
+      "scaled_dot": q @ np.swapaxes(k, -1, -2) / math.sqrt(8),
+      "general": q @ W @ np.swapaxes(k2, -1, -2),
+      "additive": np_additive(additive_p, q, k2),
+      "additive_projected": np_additive(additive_p, q, k2),
+      "general_f32_params": q @ W32 @ np.swapaxes(k2, -1, -2),
+  }
+  for name, logits in got.items():
+    assert logits.dtype == np.float64, name
+    assert_close(logits, want[name], "float64", err_msg=name)
+  # The same inputs rounded through float32 would miss the float64 tolerance: the test can tell the two apart.
+  rounded = np.float32(q) @ np.float32(np.swapaxes(k, -1, -2))
+  assert np.abs(rounded - want["dot"]).max() > 1e-8
+
+
+@pytest.mark.parametrize("q_shape,k_shape,out_shape", [
+    ((2, 0, 8), (2, 6, 8), (2, 0, 6)),    # T = 0
+    ((2, 5, 8), (2, 0, 8), (2, 5, 0)),    # S = 0
+    ((0, 5, 8), (1, 6, 8), (0, 5, 6)),    # empty batch
+    ((2, 5, 0), (2, 6, 0), (2, 5, 6)),    # zero depth: zero logits
+])
+def test_zero_size_inputs(q_shape, k_shape, out_shape):
+  q, k = jnp.ones(q_shape), jnp.ones(k_shape)
+  for logits in (scores.dot(q, k), scores.scaled_dot(q, k), jax.jit(scores.scaled_dot)(q, k),
+                 scores.general({"W": jnp.ones((q_shape[-1], k_shape[-1]))}, q, k)):
+    assert logits.shape == out_shape and logits.dtype == jnp.float32
+    np.testing.assert_array_equal(logits, np.zeros(out_shape))
+  if q_shape[-1]:
+    p = scores.init_additive(jax.random.key(0), q_shape[-1], k_shape[-1], 3)
+    logits = scores.additive(p, q, k)
+    assert logits.shape == out_shape
+    assert scores.project_keys(p, k).shape == k_shape[:-1] + (3,)
 
 
 class AttendTest(chex.TestCase):

@@ -4,6 +4,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -256,3 +257,165 @@ def test_statistics_bad_input():
     viz.induction_score(np.zeros((5, 5)), np.zeros(4, int))
   with pytest.raises(ValueError, match=r"tokens.shape=\(3, 5\)"):
     viz.induction_score(np.zeros((2, 5, 5)), np.zeros((3, 5), int))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Long sequences, bad input, non-finite weights and empty inputs
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_small_plot_keeps_its_size_and_every_label():
+  fig = viz.plot_attention(np.full((4, 7), 1 / 7), list("abcdefg"), list("wxyz"))
+  np.testing.assert_allclose(fig.get_size_inches(), (1.2 + 0.28 * 7, 2.5))   # width 0.28"/token, height >= 2.5"
+  assert tick_texts(fig.axes[0], "x") == list("abcdefg") and tick_texts(fig.axes[0], "y") == list("wxyz")
+  np.testing.assert_allclose(viz.plot_attention(np.eye(20), None).get_size_inches(), (1.2 + 0.28 * 20,
+                                                                                      0.9 + 0.28 * 20))
+
+
+def test_long_plot_is_capped_and_thinned():
+  """T = S = 500: the figure stays 12" a side, labels are thinned and no per-cell text is written."""
+  T = 500
+  w = random_weights(np.random.default_rng(7), (T, T))
+  toks = [f"t{i}" for i in range(T)]
+  fig = viz.plot_attention(w, toks, annotate=True)
+  assert np.all(fig.get_size_inches() <= viz.MAX_FIGURE_INCHES)
+  np.testing.assert_allclose(fig.get_size_inches(), (viz.MAX_FIGURE_INCHES, viz.MAX_FIGURE_INCHES))
+  ax = fig.axes[0]
+  for axis in ("x", "y"):
+    labels = tick_texts(ax, axis)
+    assert 10 <= len(labels) <= viz.MAX_TICK_LABELS
+    step = int(labels[1][1:])
+    assert labels == toks[::step]
+  assert len(ax.texts) == 0                      # annotations switched off at this size
+  heads = viz.plot_heads(np.stack([w] * 12), toks)
+  assert len(heads.axes) == 12
+  assert np.all(heads.get_size_inches() <= viz.MAX_FIGURE_INCHES)
+  for ax in heads.axes:
+    assert 1 <= len(tick_texts(ax, "x")) <= viz.MAX_TICK_LABELS
+
+
+def test_long_plot_renders_with_bounded_memory(tmp_path):
+  """Builds and saves a T = S = 500 heatmap (and a 16-head grid) in a fresh process: seconds and well under
+  1.5 GB (the uncapped 140-inch figure needed more than 7 GB)."""
+  code = ("import resource, sys, numpy as np; from attention_jax import viz; T = 500; "
+          "w = np.random.default_rng(0).random((T, T), dtype=np.float32); toks = [str(i) for i in range(T)]; "
+          "fig = viz.plot_attention(w, toks, annotate=True, save=sys.argv[1] + '/a.png'); "
+          "viz.plot_heads(np.stack([w] * 16), toks, save=sys.argv[1] + '/h.png'); "
+          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+  start = time.perf_counter()
+  result = subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, capture_output=True, text=True,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu"})
+  elapsed = time.perf_counter() - start
+  peak_mb = int(result.stdout.split()[-1]) / 1024        # ru_maxrss is in KiB on Linux
+  assert peak_mb < 1536, f"peak RSS {peak_mb:.0f} MB"
+  assert elapsed < 120, f"took {elapsed:.0f} s"
+  assert (tmp_path / "a.png").read_bytes()[:8] == PNG_MAGIC and (tmp_path / "h.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_annotations_on_small_plots_only():
+  w = np.array([[0.25, 0.75], [1.0, 0.0]])
+  fig = viz.plot_attention(w, ["a", "b"], colorbar=False, annotate=True)
+  assert sorted(t.get_text() for t in fig.axes[0].texts) == ["0.00", "0.25", "0.75", "1.00"]
+  assert len(viz.plot_attention(w, ["a", "b"]).axes[0].texts) == 0             # off by default
+  n = viz.MAX_ANNOTATED_TOKENS
+  assert len(viz.plot_attention(np.eye(n), None, annotate=True).axes[0].texts) == n * n
+  assert len(viz.plot_attention(np.eye(n + 1), None, annotate=True).axes[0].texts) == 0
+
+
+def test_many_heads_stay_within_the_cap():
+  fig = viz.plot_heads(random_weights(np.random.default_rng(8), (64, 6, 6)), list("abcdef"), suptitle="64 heads")
+  assert len(fig.axes) == 64
+  assert fig.axes[0].get_subplotspec().get_gridspec().get_geometry() == (8, 8)
+  assert np.all(fig.get_size_inches() <= viz.MAX_FIGURE_INCHES)
+  narrow = viz.plot_heads(random_weights(np.random.default_rng(9), (10, 4, 4)), None, ncols=1)
+  assert np.all(narrow.get_size_inches() <= viz.MAX_FIGURE_INCHES)
+
+
+def test_non_finite_weights_are_drawn_masked(tmp_path):
+  """NaN / Inf cells are masked (drawn in the colormap's 'bad' grey); finite cells keep their values."""
+  w = np.array([[0.5, np.nan, 0.5], [np.inf, 0.2, 0.8]])
+  fig = viz.plot_attention(w, None, annotate=True, save=tmp_path / "nan.png")
+  data = fig.axes[0].images[0].get_array()
+  np.testing.assert_array_equal(np.ma.getmaskarray(data), ~np.isfinite(w))
+  np.testing.assert_allclose(data.compressed(), w[np.isfinite(w)])
+  assert fig.axes[0].images[0].get_clim() == (0.0, np.float32(0.8))
+  assert "nan" in [t.get_text() for t in fig.axes[0].texts]
+  all_nan = viz.plot_heads(np.full((2, 3, 3), np.nan), None, save=tmp_path / "all_nan.png")
+  assert np.ma.getmaskarray(all_nan.axes[0].images[0].get_array()).all()
+  assert (tmp_path / "all_nan.png").read_bytes()[:8] == PNG_MAGIC
+
+
+PLOT_BAD_INPUT = [
+    (viz.plot_attention, (np.zeros((2, 3, 4)), None), ValueError, r"\[T, S\].*\(2, 3, 4\)"),
+    (viz.plot_attention, (np.zeros(4), None), ValueError, r"\[T, S\].*\(4,\)"),
+    (viz.plot_attention, (np.float32(1.0), None), ValueError, r"\[T, S\].*\(\)"),
+    (viz.plot_attention, (np.zeros((0, 3)), None), ValueError, r"nothing to draw.*\(0, 3\)"),
+    (viz.plot_attention, (np.zeros((3, 0)), None), ValueError, r"nothing to draw.*\(3, 0\)"),
+    (viz.plot_attention, (np.zeros((2, 2), np.complex64), None), TypeError, r"real numbers.*complex64"),
+    (viz.plot_attention, (np.array([["a", "b"]]), None), TypeError, r"real numbers.*<U1"),
+    (viz.plot_attention, (np.zeros((2, 3)), ["a", "b"]), ValueError, r"2 x .* length 3"),
+    (viz.plot_heads, (np.zeros((4, 4)), None), ValueError, r"\[N, T, S\].*\(4, 4\)"),
+    (viz.plot_heads, (np.zeros((1, 2, 3, 3)), None), ValueError, r"\[N, T, S\].*\(1, 2, 3, 3\)"),
+    (viz.plot_heads, (np.zeros((0, 3, 3)), None), ValueError, r"nothing to draw.*\(0, 3, 3\)"),
+    (viz.plot_heads, (np.zeros((2, 3, 3), np.complex128), None), TypeError, r"complex128"),
+    (viz.plot_heads, (np.zeros((2, 3, 4)), list("abc")), ValueError, r"3 key tokens .* length 4"),
+    (lambda: viz.plot_heads(np.zeros((2, 3, 3)), None, ncols=1.5), (), TypeError, r"ncols.*1\.5"),
+]
+
+STATS_BAD_INPUT = [
+    (viz.attention_entropy, (np.zeros(5),), ValueError, r"attention_entropy.*\[\.\.\., T, S\].*\(5,\)"),
+    (viz.attention_entropy, (np.float32(0.5),), ValueError, r"\(\)"),
+    (viz.attention_entropy, (np.zeros((2, 2), np.complex64),), TypeError, r"attention_entropy.*complex64"),
+    (viz.attention_distance, (np.zeros(3),), ValueError, r"attention_distance.*\(3,\)"),
+    (viz.previous_token_score, (np.zeros((3, 4)),), ValueError, r"previous_token_score.*\[\.\.\., T, T\].*\(3, 4\)"),
+    (viz.previous_token_score, (np.zeros(3),), ValueError, r"\(3,\)"),
+    (viz.induction_score, (np.zeros((4, 5)), np.zeros(4, int)), ValueError, r"induction_score.*\(4, 5\)"),
+    (viz.induction_score, (np.zeros((5, 5)), np.zeros(4, int)), ValueError,
+     r"tokens.shape=\(4,\) weights.shape=\(5, 5\)"),
+    (viz.induction_score, (np.zeros((5, 5)), np.int32(3)), ValueError, r"tokens.shape=\(\)"),
+    (viz.induction_score, (np.zeros((2, 5, 5)), np.zeros((3, 5), int)), ValueError, r"tokens.shape=\(3, 5\)"),
+    (viz.induction_targets, (np.int32(3),), ValueError, r"induction_targets.*shape \(\)"),
+    (viz.head_statistics, (np.zeros((2, 3, 4)),), ValueError, r"\[\.\.\., T, T\].*\(2, 3, 4\)"),
+    (viz.head_statistics, (np.zeros((2, 4, 4)), np.zeros((3, 4), int)), ValueError, r"tokens.shape=\(3, 4\)"),
+]
+
+
+@pytest.mark.parametrize("fn,args,exc,regex", PLOT_BAD_INPUT + STATS_BAD_INPUT,
+                         ids=[str(i) for i in range(len(PLOT_BAD_INPUT) + len(STATS_BAD_INPUT))])
+def test_bad_input_table(fn, args, exc, regex):
+  with pytest.raises(exc, match=regex):
+    fn(*args)
+
+
+def test_statistics_of_empty_inputs():
+  # No leading dims: a mean over no rows is 0.
+  for w in (np.zeros((0, 0)), np.zeros((0, 4)), np.zeros((3, 0))):
+    assert_close(viz.attention_entropy(w), 0.0)
+    assert_close(viz.attention_distance(w), 0.0)
+  for T in (0, 1):
+    w = np.ones((T, T))
+    assert_close(viz.previous_token_score(w), 0.0)
+    assert_close(viz.induction_score(w, np.zeros(T, int)), 0.0)
+    stats = viz.head_statistics(w, np.zeros(T, int))
+    assert set(stats) == {"entropy", "previous_token", "distance", "induction"}
+    for v in stats.values():
+      assert v.shape == ()
+  target, valid = viz.induction_targets(np.zeros((2, 0), int))
+  assert target.shape == valid.shape == (2, 0)
+  # Zero leading dims give empty results of the leading shape.
+  w = np.zeros((0, 3, 5, 5))
+  for v in viz.head_statistics(w, np.zeros((0, 5), int)).values():
+    assert v.shape == (0, 3)
+  assert viz.attention_entropy(np.zeros((2, 0, 4, 6))).shape == (2, 0)
+
+
+def test_statistics_propagate_nan():
+  """A NaN in a row the statistic reads gives NaN, not a silently skipped row."""
+  T = 5
+  w = previous_token_head(T)
+  w[3, 2] = np.nan
+  for f in (viz.attention_entropy, viz.attention_distance, viz.previous_token_score):
+    assert np.isnan(np.asarray(f(w))), f.__name__
+  clean = previous_token_head(T)
+  clean[3, 4] = np.nan      # the previous-token score reads only w[t, t-1]
+  assert_close(viz.previous_token_score(clean), 1.0)
