@@ -98,6 +98,8 @@ def masked_softmax(logits: jax.Array, mask: jax.Array | None = None, axis: int =
   empty = denom == 0       # no visible entry; a NaN denominator is not empty and propagates
   safe = jnp.where(empty, jnp.ones_like(denom), denom)
   weights = unnormalized / safe
+  if mask is not None:   # a NaN row sum must not reach hidden entries through 0 / NaN
+    weights = jnp.where(mask, weights, jnp.zeros_like(weights))
   lse = jnp.where(empty, -jnp.inf, row_max + jnp.log(safe))
   return weights, jnp.squeeze(lse, axis)
 

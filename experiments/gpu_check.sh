@@ -1,22 +1,30 @@
 #!/usr/bin/env bash
-# GPU check for the Pallas flash kernel (../shared/GPU.md): devices, compiled kernel tests, benchmark, table.
+# GPU check for the Pallas flash kernel: devices, compiled kernel tests, benchmarks, tables.
 # Run from the repository root on the GPU machine:  bash experiments/gpu_check.sh   (results under $OUT)
 # Budgets (env): TEST_BUDGET_S for the compiled tests, BENCH_BUDGET_S for the benchmark; TEST_FILTER picks the
 # compiled tests (default: all of FlashCompiledTest's CI subset; TEST_SHARDS parallel pytest processes, concurrent
 # with the compare step when it runs) and TEST_MARKS their marks ("" for slow ones too),
 # SEQ_LENS / IMPLS the benchmark grid (BENCH_BUDGET_S=0 skips it); COMPARE_BUDGET_S > 0 also runs
 # `experiments.compare --preset=$COMPARE_PRESET` on the GPU with that budget (results under $OUT/compare);
+# MASK_BUDGET_S > 0 times masks given as dense boolean arrays against the same masks given structurally
+# (is_causal vs a [1,1,T,S] array; key_value_seq_lengths vs a [B,1,1,S] array) for MASK_IMPLS at MASK_SEQ_LENS
+# (JSON under $OUT/bench_masks_*.json, with the dense / structured ratios in "mask_comparison"; MASK_EXTRA adds
+# bench_kernels flags, e.g. "--batch=1 --heads=2 --head_dim=16" for a dry run on CPU);
 # TUNE_BUDGET_S > 0 runs experiments/tune_blocks.py last (TUNE_HEAD_DIMS x TUNE_DTYPES; rows under $OUT/tune.json).
 set -uo pipefail
 OUT=${OUT:-/tmp}
 TEST_BUDGET_S=${TEST_BUDGET_S:-200}
-BENCH_BUDGET_S=${BENCH_BUDGET_S:-300}
+BENCH_BUDGET_S=${BENCH_BUDGET_S:-240}
 TEST_FILTER=${TEST_FILTER:-Compiled or FlashApi}
 TEST_MARKS=${TEST_MARKS-not slow}
 TEST_SHARDS=${TEST_SHARDS:-4}
 COMPARE_BUDGET_S=${COMPARE_BUDGET_S:-0}
 COMPARE_PRESET=${COMPARE_PRESET:-full}
 SEQ_LENS=${SEQ_LENS:-16384,4096}
+MASK_BUDGET_S=${MASK_BUDGET_S:-90}
+MASK_IMPLS=${MASK_IMPLS:-pallas,cudnn}
+MASK_SEQ_LENS=${MASK_SEQ_LENS:-16384}
+MASK_EXTRA=${MASK_EXTRA:-}
 TUNE_BUDGET_S=${TUNE_BUDGET_S:-0}
 TUNE_HEAD_DIMS=${TUNE_HEAD_DIMS:-128,64,256,32}
 TUNE_DTYPES=${TUNE_DTYPES:-bfloat16,float32}
@@ -57,6 +65,19 @@ if [ "$BENCH_BUDGET_S" -gt 0 ]; then
     --implementations="$IMPLS" --seq_lens="$SEQ_LENS" --repeats=5 --out="$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
   echo "bench exit: $?"
   grep -v "^W\|^I" "$OUT/bench_gpu.log" | tail -45
+fi
+
+if [ "$MASK_BUDGET_S" -gt 0 ]; then
+  echo "== 3b. dense mask arrays vs structured masks ($MASK_IMPLS, T=$MASK_SEQ_LENS, budget ${MASK_BUDGET_S}s)"
+  # Two runs: causal (is_causal vs a [1,1,T,S] array) and padding (key_value_seq_lengths vs a [B,1,1,S] array).
+  for setting in "causal:--causal=true --padding=0" "padding:--causal=false --padding=0.25"; do
+    name=${setting%%:*}
+    timeout $((MASK_BUDGET_S / 2 + 60)) python -m experiments.bench_kernels --budget_s=$((MASK_BUDGET_S / 2)) \
+      --implementations="$MASK_IMPLS" --seq_lens="$MASK_SEQ_LENS" --mask_modes=structured,dense ${setting#*:} \
+      $MASK_EXTRA --repeats=5 --out="$OUT/bench_masks_$name.json" > "$OUT/bench_masks_$name.log" 2>&1
+    echo "bench ($name masks) exit: $?"
+    grep -A30 "dense / structured" "$OUT/bench_masks_$name.log" | head -12
+  done
 fi
 
 if [ "$TUNE_BUDGET_S" -gt 0 ]; then

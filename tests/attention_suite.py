@@ -185,6 +185,20 @@ class AttentionSuite(parameterized.TestCase):
       assert_close(gp, g, dtype, kind="grad", err_msg=f"{name} with garbage at hidden positions")
       np.testing.assert_array_equal(_as_f32(gp)[hidden], 0.0, err_msg=f"{name} at hidden positions")
 
+    # A NaN query row that sees some keys but not others: only that row turns non-finite, and the gradients of
+    # everything it cannot see (keys hidden from it, other rows) stay those of the clean run.
+    b, i, n = map(int, np.argwhere(np.transpose(visible.any(-1) & ~visible.all(-1), (0, 2, 1)))[0])
+    out_q, grads_q = self._run_with_grads(q.at[b, i, n].set(jnp.nan), k, v, opts, ct)
+    row = np.zeros((B, T, N), bool)
+    row[b, i, n] = True
+    self.assertFalse(np.isfinite(_as_f32(out_q)[row]).any(), "a NaN query row must not be finite")
+    assert_close(_as_f32(out_q)[~row], _as_f32(out)[~row], dtype, err_msg="rows other than the NaN query row")
+    assert_close(_as_f32(grads_q[0])[~row], _as_f32(grads[0])[~row], dtype, kind="grad", err_msg="dq, other rows")
+    unseen = ~visible[b, n, i]                                              # [S] keys hidden from the NaN row
+    for name, g, gq in zip(("dk", "dv"), grads[1:], grads_q[1:]):
+      assert_close(_as_f32(gq)[b, unseen, n // G], _as_f32(g)[b, unseen, n // G], dtype, kind="grad",
+                   err_msg=f"{name} of keys hidden from the NaN query row")
+
     # A NaN value at one key that some queries see: exactly those rows become non-finite.
     seen = np.argwhere(seen_by_head.any(0).any(0))[:, 0]
     j = int(seen[len(seen) // 2])

@@ -2,12 +2,16 @@
 
 ``FlashInterpretTest`` runs the kernels in Pallas interpret mode (CPU CI); ``FlashCompiledTest`` reruns the
 same suite compiled, and is skipped unless a GPU is the default backend (experiments/gpu_check.sh runs it).
-``FlashTritonLoweringTest`` lowers every case and every block-size table row to Triton IR for an abstract H100 on
-any machine, so a kernel change that Triton cannot lower fails in CPU CI rather than on the next GPU lease.
+``FlashTritonLoweringTest`` lowers every case (structured masks, dense masks and biases of every broadcast shape
+with their gradient kernel, Hv != H) and every block-size table row to Triton IR for an abstract H100 on any
+machine, so a kernel change that Triton cannot lower fails in CPU CI rather than on the next GPU run.
+``FlashApiTest``: dispatch (dense masks, float64 falling through, a Flax model), autodiff limits, debug_infs,
+block-size arguments, batch dims and zero-size inputs.
 """
 
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,14 +20,59 @@ from absl.testing import parameterized
 from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 
 import attention_jax as aj
+from attention_jax import core
 from attention_jax.kernels import flash_gpu
-from tests.attention_suite import CASES, LOW_PRECISION_CASES, SLOW_CASES, AttentionSuite, make_inputs
-from tests.helpers import assert_close
+from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
+                                   AttentionSuite, make_inputs)
+from tests.helpers import assert_close, randn
 
 # Small tiles so that the short CI sequences still span many blocks, ragged last blocks, the causal diagonal and
 # the band edges (masked and unmasked block loops), with different tiles in the three kernels.
 SMALL_BLOCKS = flash_gpu.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
                                     block_k_dq=16)
+
+# Garbage isolation also through the soft-cap's tanh (its backward factor meets hidden logits).
+NAN_SOFT_CAP = dict(B=2, T=30, S=37, N=2, K=1, H=16, input_scale=2.0,
+                    options=dict(key_value_seq_lengths=[37, 20], query_seq_lengths=[30, 25], logits_soft_cap=3.0))
+NAN_ALL = {**NAN_CASES, "soft_cap_lengths": NAN_SOFT_CAP}
+# Bias shapes that exercise each reduction of the bias-gradient kernel: over the batch, over heads, over query rows
+# (column sums from every query block), over key columns (row sums), over everything (a scalar bias). ``-inf``
+# entries hide keys like a mask does.
+BIAS_CASES = {
+    "bias_B11S_minus_inf": dict(B=2, T=20, S=37, N=2, K=1, H=16, bias_shape=(2, 1, 1, 37), neg_inf_keys=(3, 30)),
+    "bias_1NT1_causal": dict(B=2, T=24, S=24, N=4, K=2, H=16, bias_shape=(1, 4, 24, 1),
+                             options=dict(is_causal=True)),
+    "bias_1111_window_lengths": dict(B=2, T=20, S=30, N=2, K=2, H=16, bias_shape=(1, 1, 1, 1),
+                                     options=dict(local_window_size=(4, 4), key_value_seq_lengths=[30, 11])),
+}
+# The CI subset of the new suites (the rest run with -m slow; every case also lowers to Triton in CI).
+CI_HV = ("hv16_h40_lengths",)
+CI_DENSE = ("bias_11TS_mask_B1T1",)
+CI_NAN = ("mask_padding",)
+CI_BIAS = ("bias_B11S_minus_inf",)
+# bfloat16: masks and Hv only (the suite checks dbias at float32 tolerance, which a backward taking
+# delta = rowsum(dO * O) from the bfloat16 output cannot meet).
+BF16_EXTRA = {"hv": HV_CASES["hv48_h32_causal_gqa"], "mask_padding": DENSE_CASES["mask_B11S_padding"],
+              "mask_causal": DENSE_CASES["mask_1NTS_causal"]}
+CI_BF16_EXTRA = ("mask_padding",)
+
+
+def _named(names, ci=None, slow=False):
+  """``named_parameters`` arguments: the names in ``ci`` (or, with ``slow``, the others)."""
+  return [(n, n) for n in names if ci is None or ((n in ci) != slow)]
+
+
+def bias_inputs(case: dict, dtype, seed: int = 0):
+  """q, k, v, options and a bias of ``case["bias_shape"]`` (``-inf`` at ``neg_inf_keys`` of batch row 0)."""
+  q, k, v, opts = make_inputs(case, dtype, seed)
+  bias = np.random.default_rng(seed + 7).standard_normal(case["bias_shape"]).astype(np.float32)
+  for j in case.get("neg_inf_keys", ()):
+    bias[0, ..., j] = -np.inf
+  return q, k, v, opts, jnp.asarray(bias)
+
+
+def enable_x64():
+  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 class FlashInterpretTest(AttentionSuite):
@@ -55,6 +104,134 @@ class FlashInterpretTest(AttentionSuite):
   def test_long(self, name):
     self.check_case(SLOW_CASES[name], jnp.float32)
     self.check_case(SLOW_CASES[name], jnp.bfloat16)
+
+  @parameterized.named_parameters(*_named(HV_CASES, CI_HV))
+  def test_value_head_dim(self, name):
+    self.check_case(HV_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(HV_CASES, CI_HV, slow=True))
+  @pytest.mark.slow
+  def test_value_head_dim_slow(self, name):
+    self.check_case(HV_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(DENSE_CASES, CI_DENSE))
+  def test_dense_mask_and_bias(self, name):
+    self.check_case(DENSE_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(DENSE_CASES, CI_DENSE, slow=True))
+  @pytest.mark.slow
+  def test_dense_mask_and_bias_slow(self, name):
+    self.check_case(DENSE_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(NAN_ALL, CI_NAN))
+  def test_nan_isolation(self, name):
+    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(NAN_ALL, CI_NAN, slow=True))
+  @pytest.mark.slow
+  def test_nan_isolation_slow(self, name):
+    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(BF16_EXTRA, CI_BF16_EXTRA))
+  def test_bfloat16_hv_and_dense(self, name):
+    self.check_case(BF16_EXTRA[name], jnp.bfloat16)
+
+  @parameterized.named_parameters(*_named(BF16_EXTRA, CI_BF16_EXTRA, slow=True))
+  @pytest.mark.slow
+  def test_bfloat16_hv_and_dense_slow(self, name):
+    self.check_case(BF16_EXTRA[name], jnp.bfloat16)
+
+  @pytest.mark.slow
+  def test_bfloat16_nan_isolation(self):
+    self.check_nan_isolation(NAN_CASES["causal_gqa"], jnp.bfloat16)
+
+  @parameterized.named_parameters(*_named(BIAS_CASES, CI_BIAS))
+  def test_bias_gradient_shapes(self, name):
+    self.check_bias_gradient(BIAS_CASES[name])
+
+  @parameterized.named_parameters(*_named(BIAS_CASES, CI_BIAS, slow=True))
+  @pytest.mark.slow
+  def test_bias_gradient_shapes_slow(self, name):
+    self.check_bias_gradient(BIAS_CASES[name])
+
+  def check_bias_gradient(self, case: dict):
+    """dbias in the bias's own broadcast shape (summed over what it broadcasts over) and dq/dk/dv, against the
+    reference; -inf bias entries hide their keys like a mask."""
+    q, k, v, opts, bias = bias_inputs(case, jnp.float32)
+    ct = randn(np.random.default_rng(3), q.shape[:-1] + v.shape[-1:])
+    loss = lambda fn: lambda q, k, v, b: (fn(q, k, v, b, **opts) * ct).sum()
+    flash = lambda q, k, v, b, **o: self.attention(q, k, v, bias=b, **o)[0]
+    assert_close(flash(q, k, v, bias, **opts), aj.reference_attention(q, k, v, bias, **opts))
+    got = jax.grad(loss(flash), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    want = jax.grad(loss(aj.reference_attention), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    chex.assert_tree_all_finite(got)
+    for name_, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+      self.assertEqual(g.shape, w.shape)
+      assert_close(g, w, jnp.float32, kind="grad", err_msg=name_)
+
+  def test_nan_row_does_not_leak_into_hidden_keys(self):
+    """A query row holding NaN makes its own output and logsumexp NaN; keys it cannot see (causal: j > i) must not
+    get NaN in dk / dv from that masked pair (its probability there is a select, not exp(-inf - NaN))."""
+    r = np.random.default_rng(8)
+    q, k, v = randn(r, (1, 24, 2, 16)), randn(r, (1, 24, 1, 16)), randn(r, (1, 24, 1, 16))
+    q_nan = q.at[:, 5, 0].set(jnp.nan)       # row 5 of head 0; keys 6.. share its causal-diagonal tile
+    ct = randn(r, (1, 24, 2, 16))
+
+    def grads(fn, q, ct):
+      def loss(q, k, v):
+        out = fn(q, k, v)
+        return jnp.where(jnp.isfinite(out), out * ct, 0.0).sum()
+      return jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+
+    dq, dk, dv = grads(lambda q, k, v: self.attention(q, k, v, is_causal=True)[0], q_nan, ct)
+    # Oracle: keys 6.. and rows 0..4 do not depend on row 5 at all; the NaN row's cotangent is 0 (its output is NaN).
+    want = grads(lambda q, k, v: aj.reference_attention(q, k, v, is_causal=True), q, ct.at[:, 5, 0].set(0.0))
+    self.assertTrue(np.isnan(np.asarray(self.attention(q_nan, k, v, is_causal=True)[0][0, 5, 0])).all())
+    chex.assert_tree_all_finite((dk[:, 6:], dv[:, 6:]))
+    assert_close(dk[:, 6:], want[1][:, 6:], kind="grad")
+    assert_close(dv[:, 6:], want[2][:, 6:], kind="grad")
+    assert_close(dq[:, :5], want[0][:, :5], kind="grad")      # rows before 5 never see it
+
+  @pytest.mark.slow
+  def test_bias_minus_inf_hides_keys_and_garbage_there(self):
+    """A -inf bias hides its pair like a mask: NaN/Inf in the keys/values it hides, and NaN bias entries at pairs a
+    mask hides, change nothing; hidden keys get zero dk/dv and hidden pairs zero dbias."""
+    r = np.random.default_rng(4)
+    q, k, v = randn(r, (1, 20, 2, 16)), randn(r, (1, 24, 1, 16)), randn(r, (1, 24, 1, 8))
+    bias = r.standard_normal((1, 2, 20, 24)).astype(np.float32)
+    bias[..., [3, 17]] = -np.inf                 # keys 3 and 17 hidden from every query by the bias
+    bias[:, :, 4, :] = -np.inf                   # query 4 sees nothing
+    mask = np.ones((1, 1, 20, 24), bool)
+    mask[..., 20:] = False                       # keys 20..23 hidden by the mask ...
+    bias_garbage = bias.copy()
+    bias_garbage[..., 20:] = np.nan              # ... so the bias there may hold garbage
+    hidden = np.zeros((1, 24, 1), bool)
+    hidden[:, [3, 17, 20, 21, 22, 23]] = True
+    poison = lambda x: jnp.where(jnp.asarray(hidden)[..., None], jnp.asarray(np.nan, x.dtype), x)
+    ct = randn(r, (1, 20, 2, 8))
+
+    def run(fn, q, k, v, b):
+      def loss(q, k, v, b):
+        out = fn(q, k, v, b, jnp.asarray(mask))
+        return (out * ct).sum(), out
+      (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, b)
+      return out, grads
+
+    flash = lambda q, k, v, b, m: self.attention(q, k, v, bias=b, mask=m)[0]
+    out, grads = run(flash, q, k, v, jnp.asarray(bias))
+    out_p, grads_p = run(flash, q, poison(k), poison(v).at[:, 3].set(jnp.inf), jnp.asarray(bias_garbage))
+    want, want_grads = run(aj.reference_attention, q, k, v, jnp.asarray(bias))
+    assert_close(out, want)
+    np.testing.assert_array_equal(out[:, 4], 0.0)
+    for g, gp, w in zip(grads, grads_p, want_grads):
+      chex.assert_tree_all_finite((g, gp))
+      assert_close(g, w, kind="grad")
+      assert_close(gp, g, kind="grad")
+    np.testing.assert_array_equal(out_p, out)
+    for g in (grads_p[1], grads_p[2]):
+      np.testing.assert_array_equal(np.asarray(g)[:, [3, 17, 20, 21, 22, 23]], 0.0)
+    visible = mask & np.isfinite(bias)
+    np.testing.assert_array_equal(np.asarray(grads_p[3])[~np.broadcast_to(visible, bias.shape)], 0.0)
 
   def test_default_block_sizes(self):
     case = dict(B=1, T=150, S=130, N=4, K=2, H=64, options=dict(is_causal=True))
@@ -89,22 +266,35 @@ def lower_for_cuda(fn, *args) -> str:
     return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
 
 
-def triton_calls(q, k, v, opts, blocks) -> int:
-  """Triton custom calls in the lowered forward + backward (3: forward, dK/dV, dQ)."""
-  def loss(q, k, v):
-    out = flash_gpu.flash_attention(q, k, v, block_sizes=blocks, interpret=False, **opts)
+def triton_calls(q, k, v, opts, blocks, bias=None) -> int:
+  """Triton custom calls in the lowered forward + backward (3: forward, dK/dV, dQ; 4 with a bias: dbias)."""
+  def loss(q, k, v, bias):
+    out = flash_gpu.flash_attention(q, k, v, bias, block_sizes=blocks, interpret=False, **opts)
     return out.astype(jnp.float32).sum()
-  return lower_for_cuda(jax.grad(loss, argnums=(0, 1, 2)), q, k, v).count("stablehlo.custom_call @__gpu$xla.gpu.triton")
+  argnums = (0, 1, 2) if bias is None else (0, 1, 2, 3)
+  return lower_for_cuda(jax.grad(loss, argnums=argnums), q, k, v, bias).count(
+      "stablehlo.custom_call @__gpu$xla.gpu.triton")
+
+
+# Every case the interpret suites run (structured, Hv != H, dense masks and biases), in one table for lowering.
+LOWERING_CASES = {**CASES, **HV_CASES, **DENSE_CASES, "soft_cap_lengths": NAN_SOFT_CAP}
 
 
 class FlashTritonLoweringTest(parameterized.TestCase):
   """Every case, and every row of the block-size table, lowers to Triton on a machine without a GPU."""
 
-  @parameterized.named_parameters(*((n, n) for n in CASES))
+  @parameterized.named_parameters(*((n, n) for n in LOWERING_CASES))
   def test_case_lowers(self, name):
-    dtype = jnp.bfloat16 if name in LOW_PRECISION_CASES else jnp.float32
-    q, k, v, opts = make_inputs(CASES[name], dtype)
-    self.assertEqual(triton_calls(q, k, v, opts, dataclasses.replace(SMALL_BLOCKS, longest_first=True)), 3)
+    dtype = jnp.bfloat16 if name in LOW_PRECISION_CASES or name.startswith("mask_") else jnp.float32
+    q, k, v, opts = make_inputs(LOWERING_CASES[name], dtype)
+    bias = opts.pop("bias", None)
+    blocks = dataclasses.replace(SMALL_BLOCKS, longest_first=True)
+    self.assertEqual(triton_calls(q, k, v, opts, blocks, bias), 3 if bias is None else 4)
+
+  @parameterized.named_parameters(*((n, n) for n in BIAS_CASES))
+  def test_bias_gradient_lowers(self, name):
+    q, k, v, opts, bias = bias_inputs(BIAS_CASES[name], jnp.bfloat16)
+    self.assertEqual(triton_calls(q, k, v, opts, SMALL_BLOCKS, bias.astype(jnp.bfloat16)), 4)
 
   def test_table_rows_lower(self):
     for (h, wide), blocks in flash_gpu._DEFAULT_BLOCKS.items():
@@ -121,15 +311,155 @@ class FlashApiTest(parameterized.TestCase):
     q, k, v, opts = make_inputs(CASES["window"], jnp.float32)
     got = aj.dot_product_attention(q, k, v, implementation="pallas", **opts)
     assert_close(got, aj.reference_attention(q, k, v, **opts))
+    # The registered implementation keeps the internal (out, lse [B, N, T] float32, -inf = no key) format.
+    inp = core.prepare_inputs(q, k, v, key_value_seq_lengths=jnp.array([0]), **opts)
+    out, lse = core.attention_core(inp, "pallas")
+    want_out, want_lse = core.attention_core(inp, "reference")
+    chex.assert_shape(lse, (q.shape[0], q.shape[2], q.shape[1]))
+    self.assertEqual(lse.dtype, jnp.float32)
+    assert_close(out, want_out)
+    self.assertTrue(np.isneginf(lse).all() and np.isneginf(want_lse).all())
+
+  def test_dense_masks_run_on_the_kernel(self):
+    """A causal or padding mask passed as an array (as Flax models do) runs on the kernel, forward and backward."""
+    r = np.random.default_rng(1)
+    q, k, v = randn(r, (2, 24, 2, 16)), randn(r, (2, 24, 2, 16)), randn(r, (2, 24, 2, 16))
+    causal = jnp.tril(jnp.ones((24, 24), bool))[None, None]                                    # [1, 1, T, S]
+    padding = jnp.asarray(np.arange(24)[None, None, None, :] < np.array([24, 9])[:, None, None, None])  # [B,1,1,S]
+    def run(impl):
+      def loss(q, k, v):
+        out = aj.dot_product_attention(q, k, v, mask=causal & padding, implementation=impl)
+        return (out ** 2).sum(), out
+      return jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+
+    (_, out), grads = run("pallas")
+    (_, want), want_grads = run("reference")
+    assert_close(out, want)
+    for g, w in zip(grads, want_grads):
+      assert_close(g, w, kind="grad")
+
+  @pytest.mark.slow
+  def test_flax_model_with_mask_array(self):
+    """flax.nnx.MultiHeadAttention with a causal mask array, through make_attention_fn("pallas")."""
+    from flax import nnx
+    x = randn(np.random.default_rng(2), (2, 16, 32))
+    mask = nnx.make_causal_mask(x[..., 0])
+    make = lambda impl: nnx.MultiHeadAttention(num_heads=2, in_features=32, qkv_features=32, decode=False,
+                                               attention_fn=aj.nn.make_attention_fn(implementation=impl),
+                                               rngs=nnx.Rngs(0))
+    kernel, reference = make("pallas"), make("reference")
+    assert_close(kernel(x, mask=mask), reference(x, mask=mask))
+    loss = lambda model: (model(x, mask=mask) ** 2).sum()
+    g, w = nnx.grad(loss)(kernel), nnx.grad(loss)(reference)
+    jax.tree.map(lambda a, b: assert_close(a, b, kind="grad"), nnx.state(g), nnx.state(w))
+
+  def test_float64_is_refused_and_dispatch_falls_through(self):
+    """float64 cannot run in the kernel (it computes in float32): UnsupportedError naming the alternatives; a
+    sequence of implementations (as "auto" is on GPU) moves on to blockwise and stays in float64."""
+    with enable_x64():
+      r = np.random.default_rng(5)
+      q, k, v = (randn(r, (1, 12, 2, 8), jnp.float64) for _ in range(3))
+      mask = jnp.asarray(r.random((1, 1, 12, 12)) > 0.3)
+      with self.assertRaisesRegex(core.UnsupportedError, "'blockwise' or 'reference'"):
+        flash_gpu.flash_attention(q, k, v, mask=mask)
+      with self.assertRaises(NotImplementedError):
+        aj.dot_product_attention(q, k, v, mask=mask, implementation="pallas")
+      got = aj.dot_product_attention(q, k, v, mask=mask, implementation=("pallas", "blockwise"))
+      self.assertEqual(got.dtype, jnp.float64)
+      assert_close(got, aj.reference_attention(q, k, v, mask=mask), jnp.float64)
+
+  def test_differentiating_a_jitted_gradient_raises_clearly(self):
+    """Second-order autodiff the call cannot see (the first derivative taken inside a separately jitted function)
+    raises NotImplementedError naming the alternatives; when it can see it, the reference formula runs."""
+    q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
+    f = lambda q: flash_gpu.flash_attention(q, k, v, block_sizes=16, **opts).sum()
+    inner = jax.jit(jax.grad(f))
+    with self.assertRaisesRegex(NotImplementedError, "implementation='reference' or 'xla'"):
+      jax.grad(lambda q: inner(q).sum())(q)
+    with self.assertRaisesRegex(NotImplementedError, "implementation='reference' or 'xla'"):
+      jax.jvp(inner, (q,), (q,))
+    # The backward alone (the forward not differentiated again) is wrapped the same way.
+    vjp = jax.jit(lambda ct: jax.vjp(f, q)[1](ct)[0])
+    with self.assertRaisesRegex(NotImplementedError, "backward pass"):
+      jax.grad(lambda ct: vjp(ct).sum())(jnp.float32(1.0))
+    ref = lambda q: aj.reference_attention(q, k, v, **opts).sum()
+    assert_close(jax.grad(lambda q: jax.grad(f)(q).sum())(q), jax.grad(lambda q: jax.grad(ref)(q).sum())(q),
+                 kind="grad")
+    assert_close(jax.jvp(f, (q,), (q,))[1], jax.jvp(ref, (q,), (q,))[1])
+
+  def test_debug_infs_and_nans_stay_silent(self):
+    self.check_debug_infs_and_nans(jit=False)
+
+  @pytest.mark.slow
+  def test_debug_infs_and_nans_stay_silent_jit(self):
+    self.check_debug_infs_and_nans(jit=True)
+
+  def check_debug_infs_and_nans(self, jit: bool):
+    """Rows with no key are -inf internally; neither outputs nor the residuals a jitted grad returns show it."""
+    r = np.random.default_rng(6)
+    q, k, v = randn(r, (2, 9, 4, 8)), randn(r, (2, 11, 2, 8)), randn(r, (2, 11, 2, 6))
+    opts = dict(is_causal=True, key_value_seq_lengths=jnp.array([0, 6]), query_seq_lengths=jnp.array([9, 4]),
+                mask=jnp.asarray(r.random((2, 1, 9, 11)) > 0.3), bias=randn(r, (1, 4, 9, 11)))
+    f = lambda q, k, v: flash_gpu.flash_attention(q, k, v, block_sizes=16, return_residual=True, **opts)
+    g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2))
+    if jit:
+      f, g = jax.jit(f), jax.jit(g)
+    with jax.debug_infs(True), jax.debug_nans(True):
+      results = (f(q, k, v), g(q, k, v))
+    chex.assert_tree_all_finite(results)
+    np.testing.assert_array_equal(results[0][0][0], 0.0)     # batch 0 has no keys
+
+  def test_block_sizes_argument(self):
+    q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
+    a = flash_gpu.flash_attention(q, k, v, block_sizes=16, **opts)
+    b = flash_gpu.flash_attention(q, k, v, block_sizes=flash_gpu.BlockSizes(16, 16, 16, 16, 16, 16), **opts)
+    np.testing.assert_array_equal(a, b)
+    for bad in (0, -16, 48, 8, 64.0, "64", True, (16, 16)):
+      with self.assertRaisesRegex(ValueError, "block_sizes"):
+        flash_gpu.flash_attention(q, k, v, block_sizes=bad)
+    with self.assertRaisesRegex(ValueError, "power of two"):
+      flash_gpu.BlockSizes(block_q=48)
+    with self.assertRaisesRegex(ValueError, "power of two"):
+      flash_gpu.BlockSizes(block_k=32.0)
+
+  def test_batch_dims_and_zero_size(self):
+    r = np.random.default_rng(7)
+    q, k, v = randn(r, (2, 3, 9, 4, 8)), randn(r, (2, 3, 11, 2, 8)), randn(r, (2, 3, 11, 2, 6))
+    lengths = jnp.asarray(r.integers(0, 12, (2, 3)), jnp.int32)
+    opts = dict(is_causal=True, key_value_seq_lengths=lengths)
+    out, res = flash_gpu.flash_attention(q, k, v, block_sizes=16, return_residual=True, **opts)
+    want, want_res = aj.reference_attention(q, k, v, return_residual=True, **opts)
+    chex.assert_shape((out, res), ((2, 3, 9, 4, 6), (2, 3, 9, 4)))
+    assert_close(out, want)
+    assert_close(res, want_res)
+    for a, b, c in ((q[:, :, :0], k, v), (q, k[:, :, :0], v[:, :, :0]), (q, k, v[..., :0])):
+      out, res = flash_gpu.flash_attention(a, b, c, return_residual=True)
+      chex.assert_shape((out, res), (a.shape[:-1] + c.shape[-1:], a.shape[:-1]))
+      np.testing.assert_array_equal(out, 0.0)
+      np.testing.assert_array_equal(res, jnp.finfo(jnp.float32).min)
+
+  def test_reference_has_the_same_signature(self):
+    q, k, v, opts = make_inputs(DENSE_CASES["bias_11TS_mask_B1T1"], jnp.float32)
+    a, ra = flash_gpu.flash_attention(q, k, v, block_sizes=16, return_residual=True, **opts)
+    b, rb = flash_gpu.flash_attention_reference(q, k, v, block_sizes=16, return_residual=True, **opts)
+    assert_close(a, b)
+    assert_close(ra, rb)
+    self.assertEqual((ra.shape, ra.dtype), (rb.shape, rb.dtype))
 
   def test_errors(self):
     q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
-    with self.assertRaisesRegex(ValueError, "no dense bias/mask"):
-      aj.dot_product_attention(q, k, v, mask=jnp.ones((1, 1, 17, 17), bool), implementation="pallas")
-    with self.assertRaisesRegex(ValueError, "power of two"):
-      flash_gpu.BlockSizes(block_q=48)
     with self.assertRaisesRegex(ValueError, r"query.shape=\(1, 17, 2, 32\)"):
       flash_gpu.flash_attention(q, k[:, :, :, :16], v)
+    with self.assertRaisesRegex(ValueError, "does not broadcast"):
+      flash_gpu.flash_attention(q, k, v, mask=jnp.ones((1, 1, 17, 5), bool))
+    with self.assertRaisesRegex(ValueError, "scale must be a Python/concrete number"):
+      jax.jit(lambda s: flash_gpu.flash_attention(q, k, v, scale=s))(0.5)
+    # What the kernel cannot take is refused with UnsupportedError, so that dispatch moves on.
+    wide = jnp.zeros((1, 4, 1, 300), jnp.float32)
+    with self.assertRaisesRegex(core.UnsupportedError, "head dims up to 256"):
+      flash_gpu.flash_attention(wide, wide, wide)
+    with self.assertRaisesRegex(core.UnsupportedError, "float32, bfloat16 or float16"):
+      flash_gpu.flash_attention(*(x.astype(jnp.float8_e4m3fn) for x in (q, k, v)))
 
   def test_block_size_table(self):
     for h in (16, 32, 64, 96, 128, 256):

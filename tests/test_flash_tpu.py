@@ -1,35 +1,42 @@
 """The Pallas TPU (Mosaic-lowered) flash kernel against the reference, forward and gradients.
 
-``FlashTpuInterpretTest`` runs the kernels in Pallas TPU interpret mode on CPU. That mode simulates TPU memory
-and DMAs in Python and costs seconds per kernel compile, so CI runs a subset of the shared cases chosen to cover
-every feature (odd lengths, T != S, causal, GQA, segment ids, kv/query lengths, fully masked rows, window,
-soft-cap, f32 and bf16); the remaining cases are marked slow. ``FlashTpuCompiledTest`` reruns the whole suite
-compiled and is skipped unless a TPU is the default backend. ``FlashTpuLoweringTest`` lowers forward and backward
-to Mosaic for TPU on any machine (``jax.export``), which checks block shapes against the 8 x 128 tiling and that
-every primitive has a Mosaic lowering.
+``FlashTpuInterpretTest`` runs the kernels interpreted on CPU (Pallas's interpreter, ``interpret=True``), and the
+bias-gradient case in the TPU interpret mode (``pltpu.InterpretParams``: simulated TPU memory and DMAs, VMEM buffers
+reused across grid steps, out-of-bounds checks). Interpretation costs seconds per kernel compile, so CI runs a
+subset of the shared cases chosen to cover every feature (odd lengths, T != S, causal, GQA, segment ids, kv/query
+lengths, fully masked rows, window, soft-cap, dense masks and biases of each broadcast shape with their gradient,
+Hv != H, garbage isolation, f32 and bf16); the remaining cases are marked slow.
+``FlashTpuCompiledTest`` reruns the suite compiled and is skipped unless a TPU is the default backend.
+``FlashTpuLoweringTest`` lowers forward and backward to Mosaic for TPU on any machine (``jax.export``), which
+checks block shapes against the 8 x 128 tiling and that every primitive has a Mosaic lowering.
+``FlashTpuApiTest``: dispatch (a dense mask, float64 falling through), autodiff limits and ``jax.checkpoint``,
+debug_infs, block-size arguments, batch dims and zero-size inputs.
 """
 
 from unittest import mock
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl.testing import parameterized
+from jax.experimental.pallas import tpu as pltpu
 
 import attention_jax as aj
 from attention_jax import core
 from attention_jax.kernels import flash_tpu
-from tests.attention_suite import CASES, LOW_PRECISION_CASES, SLOW_CASES, AttentionSuite, make_inputs
-from tests.helpers import assert_close, np_mask, np_softmax_attention
+from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
+                                   AttentionSuite, make_inputs)
+from tests.helpers import assert_close, np_mask, np_softmax_attention, randn
 
 # The smallest TPU tiles (128), with 256 in two backward tiles: the CI sequences still span several blocks, ragged
 # last blocks, the causal diagonal, band edges and query blocks made only of padding, tiled differently in the
 # three kernels.
 SMALL_BLOCKS = flash_tpu.BlockSizes(block_q=128, block_k=128, block_q_dkv=128, block_k_dkv=256, block_q_dq=256,
                                     block_k_dq=128)
-# CI subset: TPU interpret mode costs seconds per kernel compile, so CI checks two cases that each combine several
-# features (in float32, the first also in bfloat16); every shared case of tests/attention_suite.py is a slow test.
+# CI subset of the structured cases: two cases that each combine several features (in float32, the first also in
+# bfloat16); every shared case of tests/attention_suite.py is a slow test.
 CI_CASES = {
     # Odd T != S, causal, GQA, packed segments, kv lengths with a length-0 example (rows with no key).
     "odd_causal_gqa_segments_lengths": dict(B=2, T=333, S=200, N=4, K=2, H=32, segments=3,
@@ -39,6 +46,50 @@ CI_CASES = {
                                     options=dict(local_window_size=(40, 8), logits_soft_cap=5.0,
                                                  query_seq_lengths=[101])),
 }
+# Garbage isolation also through the soft-cap's tanh (its backward factor meets hidden logits).
+NAN_SOFT_CAP = dict(B=2, T=30, S=37, N=2, K=1, H=16, input_scale=2.0,
+                    options=dict(key_value_seq_lengths=[37, 20], query_seq_lengths=[30, 25], logits_soft_cap=3.0))
+NAN_ALL = {**NAN_CASES, "soft_cap_lengths": NAN_SOFT_CAP}
+# Bias shapes that exercise each reduction and each HBM layout of the bias-gradient kernel: over heads and query
+# rows, within a tile and across query blocks (a [B, 1, 1, S] key bias, stored as sublane-replicated rows), over
+# key columns (a [1, N, T, 1] query bias, stored as lane-replicated columns), over everything (one value per
+# (batch, head)). -inf entries hide their pairs like a mask does.
+BIAS_CASES = {
+    "bias_B11S_minus_inf_causal": dict(B=2, T=150, S=150, N=2, K=1, H=16, Hv=24, bias_shape=(2, 1, 1, 150),
+                                       neg_inf=(..., [3, 140]), options=dict(is_causal=True)),
+    "bias_1NT1_softcap_lengths": dict(B=2, T=40, S=30, N=4, K=2, H=16, bias_shape=(1, 4, 40, 1),
+                                      neg_inf=(0, 1, 7), input_scale=2.0,
+                                      options=dict(logits_soft_cap=3.0, key_value_seq_lengths=[30, 11])),
+    "bias_BN11_window": dict(B=2, T=20, S=30, N=2, K=2, H=16, bias_shape=(2, 2, 1, 1), neg_inf=(1, 0),
+                             options=dict(local_window_size=(4, 4))),
+}
+# The CI subset of the new suites (the rest run with -m slow; every case also lowers to Mosaic in CI).
+CI_HV = ("hv16_h40_lengths",)
+CI_DENSE = ("bias_11TS_mask_B1T1",)
+CI_NAN = ("mask_padding",)
+CI_BIAS = ("bias_B11S_minus_inf_causal",)
+# bfloat16: masks and Hv only (the suite checks dbias at float32 tolerance, which a backward taking
+# delta = rowsum(dO * O) from the bfloat16 output cannot meet).
+BF16_EXTRA = {"hv_mask_padding": dict(DENSE_CASES["mask_B11S_padding"], Hv=40),
+              "mask_causal": DENSE_CASES["mask_1NTS_causal"], "hv": HV_CASES["hv48_h32_causal_gqa"]}
+CI_BF16_EXTRA = ("hv_mask_padding",)
+
+
+def _named(names, ci=None, slow=False):
+  """``named_parameters`` arguments: the names in ``ci`` (or, with ``slow``, the others)."""
+  return [(n, n) for n in names if ci is None or ((n in ci) != slow)]
+
+
+def bias_inputs(case: dict, dtype, seed: int = 0):
+  """q, k, v, options and a float32 bias of ``case["bias_shape"]`` with ``-inf`` at index ``case["neg_inf"]``."""
+  q, k, v, opts = make_inputs(case, dtype, seed)
+  bias = np.random.default_rng(seed + 7).standard_normal(case["bias_shape"]).astype(np.float32)
+  bias[case["neg_inf"]] = -np.inf
+  return q, k, v, opts, jnp.asarray(bias)
+
+
+def enable_x64():
+  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 class FlashTpuInterpretTest(AttentionSuite):
@@ -50,8 +101,8 @@ class FlashTpuInterpretTest(AttentionSuite):
     if not self.INTERPRET and jax.default_backend() != "tpu":
       self.skipTest("compiled Mosaic kernels need a TPU")
 
-  def attention(self, q, k, v, **options):
-    return flash_tpu.flash_attention_tpu(q, k, v, block_sizes=self.BLOCKS, interpret=self.INTERPRET,
+  def attention(self, q, k, v, *args, **options):
+    return flash_tpu.flash_attention_tpu(q, k, v, *args, block_sizes=self.BLOCKS, interpret=self.INTERPRET,
                                          return_residual=True, **options)
 
   @parameterized.named_parameters(*((n, n) for n in CI_CASES))
@@ -81,6 +132,115 @@ class FlashTpuInterpretTest(AttentionSuite):
     self.check_case(SLOW_CASES[name], jnp.float32)
     self.check_case(SLOW_CASES[name], jnp.bfloat16)
 
+  @parameterized.named_parameters(*_named(HV_CASES, CI_HV))
+  def test_value_head_dim(self, name):
+    self.check_case(HV_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(HV_CASES, CI_HV, slow=True))
+  @pytest.mark.slow
+  def test_value_head_dim_slow(self, name):
+    self.check_case(HV_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(DENSE_CASES, CI_DENSE))
+  def test_dense_mask_and_bias(self, name):
+    self.check_case(DENSE_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(DENSE_CASES, CI_DENSE, slow=True))
+  @pytest.mark.slow
+  def test_dense_mask_and_bias_slow(self, name):
+    self.check_case(DENSE_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(NAN_ALL, CI_NAN))
+  def test_nan_isolation(self, name):
+    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
+
+  @parameterized.named_parameters(*_named(NAN_ALL, CI_NAN, slow=True))
+  @pytest.mark.slow
+  def test_nan_isolation_slow(self, name):
+    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
+
+  @pytest.mark.slow
+  def test_bfloat16_nan_isolation(self):
+    self.check_nan_isolation(NAN_CASES["causal_gqa"], jnp.bfloat16)
+
+  @parameterized.named_parameters(*_named(BF16_EXTRA, CI_BF16_EXTRA))
+  def test_bfloat16_hv_and_dense(self, name):
+    self.check_case(BF16_EXTRA[name], jnp.bfloat16)
+
+  @parameterized.named_parameters(*_named(BF16_EXTRA, CI_BF16_EXTRA, slow=True))
+  @pytest.mark.slow
+  def test_bfloat16_hv_and_dense_slow(self, name):
+    self.check_case(BF16_EXTRA[name], jnp.bfloat16)
+
+  @parameterized.named_parameters(*_named(BIAS_CASES, CI_BIAS))
+  def test_bias_gradient_shapes(self, name):
+    """In CI, in the TPU interpret mode (simulated TPU memory: an output block a kernel forgets to write holds a
+    stale VMEM buffer and fails), with 128-long tiles everywhere (two query blocks reduced into one bias tile)."""
+    interpret = pltpu.InterpretParams() if self.INTERPRET else False
+    self.check_bias_gradient(BIAS_CASES[name], blocks=128, interpret=interpret)
+
+  @parameterized.named_parameters(*_named(BIAS_CASES, CI_BIAS, slow=True))
+  @pytest.mark.slow
+  def test_bias_gradient_shapes_slow(self, name):
+    self.check_bias_gradient(BIAS_CASES[name])
+
+  def check_bias_gradient(self, case: dict, blocks=None, interpret=None):
+    """dbias in the bias's own broadcast shape (summed over what it broadcasts over) and dq/dk/dv, against the
+    reference; -inf bias entries hide their pairs like a mask."""
+    q, k, v, opts, bias = bias_inputs(case, jnp.float32)
+    ct = randn(np.random.default_rng(3), q.shape[:-1] + v.shape[-1:])
+    flash = lambda *a: flash_tpu.flash_attention_tpu(
+        *a, block_sizes=blocks or self.BLOCKS, interpret=self.INTERPRET if interpret is None else interpret, **opts)
+    out, vjp = jax.vjp(flash, q, k, v, bias)
+    want_out, want_vjp = jax.vjp(lambda *a: aj.reference_attention(*a, **opts), q, k, v, bias)
+    assert_close(out, want_out)
+    got, want = vjp(ct), want_vjp(ct)
+    chex.assert_tree_all_finite(got)
+    for name_, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+      self.assertEqual(g.shape, w.shape)
+      assert_close(g, w, jnp.float32, kind="grad", err_msg=name_)
+
+  @pytest.mark.slow
+  def test_bias_minus_inf_hides_keys_and_garbage_there(self):
+    """A -inf bias hides its pair like a mask: NaN/Inf in the keys/values it hides, and NaN bias entries at pairs a
+    mask hides, change nothing; hidden keys get zero dk/dv and hidden pairs zero dbias."""
+    r = np.random.default_rng(4)
+    q, k, v = randn(r, (1, 20, 2, 16)), randn(r, (1, 24, 1, 16)), randn(r, (1, 24, 1, 8))
+    bias = r.standard_normal((1, 2, 20, 24)).astype(np.float32)
+    bias[..., [3, 17]] = -np.inf                 # keys 3 and 17 hidden from every query by the bias
+    bias[:, :, 4, :] = -np.inf                   # query 4 sees nothing
+    mask = np.ones((1, 1, 20, 24), bool)
+    mask[..., 20:] = False                       # keys 20..23 hidden by the mask ...
+    bias_garbage = bias.copy()
+    bias_garbage[..., 20:] = np.nan              # ... so the bias there may hold garbage
+    hidden = np.zeros((1, 24, 1), bool)
+    hidden[:, [3, 17, 20, 21, 22, 23]] = True
+    poison = lambda x: jnp.where(jnp.asarray(hidden)[..., None], jnp.asarray(np.nan, x.dtype), x)
+    ct = randn(r, (1, 20, 2, 8))
+
+    def run(fn, q, k, v, b):
+      def loss(q, k, v, b):
+        out = fn(q, k, v, b, jnp.asarray(mask))
+        return (out * ct).sum(), out
+      (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, b)
+      return out, grads
+
+    flash = lambda *a: self.attention(*a)[0]
+    out, grads = run(flash, q, k, v, jnp.asarray(bias))
+    out_p, grads_p = run(flash, q, poison(k), poison(v).at[:, 3].set(jnp.inf), jnp.asarray(bias_garbage))
+    want, want_grads = run(aj.reference_attention, q, k, v, jnp.asarray(bias))
+    assert_close(out, want)
+    np.testing.assert_array_equal(out[:, 4], 0.0)
+    for g, gp, w in zip(grads, grads_p, want_grads):
+      chex.assert_tree_all_finite((g, gp))
+      assert_close(g, w, kind="grad")
+      assert_close(gp, g, kind="grad")
+    np.testing.assert_array_equal(out_p, out)
+    for g in (grads_p[1], grads_p[2]):
+      np.testing.assert_array_equal(np.asarray(g)[:, [3, 17, 20, 21, 22, 23]], 0.0)
+    visible = mask & np.isfinite(bias)
+    np.testing.assert_array_equal(np.asarray(grads_p[3])[~np.broadcast_to(visible, bias.shape)], 0.0)
+
   @pytest.mark.slow
   def test_default_block_sizes(self):
     case = dict(B=1, T=600, S=530, N=4, K=2, H=64, options=dict(is_causal=True))
@@ -93,17 +253,18 @@ class FlashTpuInterpretTest(AttentionSuite):
     case = dict(B=2, T=45, S=30, N=4, K=2, H=16, segments=2,
                 options=dict(is_causal=True, key_value_seq_lengths=[30, 12], local_window_size=(20, 3)))
     q, k, v, opts = make_inputs(case, jnp.float32, seed=3)
-    out, lse = self.attention(q, k, v, **opts)
+    out, res = self.attention(q, k, v, **opts)
     B, T, N, _ = q.shape
     S = k.shape[1]
     mask = np_mask(B, N, T, S, causal=True, window=(20, 3), kv_lengths=[30, 12],
                    q_seg=np.asarray(opts["q_segment_ids"]), kv_seg=np.asarray(opts["kv_segment_ids"]))
     want_out, want_lse = np_softmax_attention(q, k, v, mask=mask)
     assert_close(out, want_out, jnp.float32, err_msg="output")
-    np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse))
-    finite = np.isfinite(want_lse)
+    want_res = np.transpose(want_lse, (0, 2, 1))                        # jax.nn's [B, T, N]
+    finite = np.isfinite(want_res)
     self.assertTrue((~finite).any() and finite.any())    # the case has rows with and without keys
-    assert_close(np.asarray(lse)[finite], want_lse[finite], jnp.float32, err_msg="logsumexp")
+    np.testing.assert_array_equal(np.asarray(res)[~finite], np.finfo(np.float32).min)
+    assert_close(np.asarray(res)[finite], want_res[finite], jnp.float32, err_msg="logsumexp")
 
   def test_vmap_and_jit(self):
     q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
@@ -121,6 +282,16 @@ def _tpu_target():
   """An abstract TPU device, so that Mosaic lowering rules that ask for the chip version run on CPU."""
   device = jax.sharding.AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu")
   return jax.sharding.use_abstract_mesh(jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device))
+
+
+def mosaic_module(fn, *args) -> str:
+  """StableHLO of ``jax.jit(fn)`` exported for TPU: each Pallas call lowered to a Mosaic ``tpu_custom_call``."""
+  with _tpu_target():
+    return jax.export.export(jax.jit(fn), platforms=["tpu"])(*args).mlir_module()
+
+
+def _spec(shape, dtype):
+  return None if shape is None else jax.ShapeDtypeStruct(shape, dtype)
 
 
 class FlashTpuLoweringTest(parameterized.TestCase):
@@ -148,52 +319,194 @@ class FlashTpuLoweringTest(parameterized.TestCase):
 
     q = jax.ShapeDtypeStruct((B, T, N, H), dtype)
     kv = jax.ShapeDtypeStruct((B, S, K, H), dtype)
-    with _tpu_target():
-      exported = jax.export.export(jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=["tpu"])(q, kv, kv, arrays)
-    module = exported.mlir_module()
+    module = mosaic_module(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv, arrays)
     for name in ("fwd", "dkdv", "dq"):
       self.assertIn(f"attention_jax_flash_tpu_{name}", module)
     self.assertEqual(module.count("tpu_custom_call"), 3)
 
+  @parameterized.named_parameters(
+      # (bias shape, mask shape): every HBM layout of each (full, T- or S-broadcast, both) with batch/head
+      # broadcasts, and every reduction of the bias-gradient kernel.
+      ("bias_1NTS_mask_B11S", (1, 4, 300, 200), (2, 1, 1, 200), jnp.bfloat16),
+      ("bias_B11S_mask_B1T1", (2, 1, 1, 200), (2, 1, 300, 1), jnp.float32),
+      ("bias_1NT1_mask_1NTS", (1, 4, 300, 1), (1, 4, 300, 200), jnp.bfloat16),
+      ("bias_BN11_bf16", (2, 4, 1, 1), None, jnp.float32),
+      ("mask_B1TS", None, (2, 1, 300, 200), jnp.float32),
+  )
+  def test_dense_and_value_head_dim_lower(self, bias_shape, mask_shape, dtype):
+    """Dense masks and biases (with the bias-gradient kernel), Hv != H and a soft-cap lower to Mosaic."""
+    B, T, S, N, K, H, Hv = 2, 300, 200, 4, 2, 64, 96
+    bias_dtype = jnp.bfloat16 if bias_shape == (2, 4, 1, 1) else jnp.float32
+
+    def loss(q, k, v, bias, mask):
+      out = flash_tpu.flash_attention_tpu(q, k, v, bias, mask, is_causal=True, logits_soft_cap=3.0,
+                                          block_sizes=128, interpret=False)
+      return out.astype(jnp.float32).sum()
+
+    argnums = (0, 1, 2) if bias_shape is None else (0, 1, 2, 3)
+    module = mosaic_module(jax.grad(loss, argnums=argnums), _spec((B, T, N, H), dtype), _spec((B, S, K, H), dtype),
+                           _spec((B, S, K, Hv), dtype), _spec(bias_shape, bias_dtype), _spec(mask_shape, jnp.bool_))
+    self.assertEqual(module.count("tpu_custom_call"), 3 if bias_shape is None else 4)
+    if bias_shape is not None:
+      self.assertIn("attention_jax_flash_tpu_dbias", module)
+
+  def test_bias_gradient_kernel_is_dropped_when_unused(self):
+    x = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    bias = jax.ShapeDtypeStruct((1, 2, 256, 256), jnp.float32)
+    loss = lambda q, k, v, b: flash_tpu.flash_attention_tpu(q, k, v, b, interpret=False).astype(jnp.float32).sum()
+    module = mosaic_module(jax.grad(loss, argnums=(0, 1, 2)), x, x, x, bias)
+    self.assertEqual(module.count("tpu_custom_call"), 3)
+
+  def test_checkpoint_lowers(self):
+    """Compiled Pallas TPU calls carry no effects, so jax.checkpoint differentiates them (on a TPU as here)."""
+    x = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
+    f = jax.checkpoint(lambda q, k, v: flash_tpu.flash_attention_tpu(
+        q, k, v, is_causal=True, interpret=False).astype(jnp.float32).sum())
+    module = mosaic_module(jax.grad(f, argnums=(0, 1, 2)), x, x, x)
+    self.assertEqual(module.count("tpu_custom_call"), 3)
 
   def test_vmap_lowers(self):
     x = jax.ShapeDtypeStruct((3, 2, 256, 4, 128), jnp.bfloat16)
     f = jax.vmap(lambda q, k, v: flash_tpu.flash_attention_tpu(q, k, v, is_causal=True, interpret=False))
-    with _tpu_target():
-      module = jax.export.export(jax.jit(f), platforms=["tpu"])(x, x, x).mlir_module()
-    self.assertEqual(module.count("tpu_custom_call"), 1)
+    self.assertEqual(mosaic_module(f, x, x, x).count("tpu_custom_call"), 1)
 
 
 class FlashTpuApiTest(parameterized.TestCase):
 
   def test_dispatch(self):
+    """dot_product_attention runs the kernel, also with a dense mask array (as Flax models pass causal and padding
+    masks): here a causal & padding mask, with a window."""
     q, k, v, opts = make_inputs(CASES["window"], jnp.float32)
-    got, lse = aj.dot_product_attention(q, k, v, implementation="pallas_tpu", return_residual=True, **opts)
-    want, want_lse = aj.reference_attention(q, k, v, return_residual=True, **opts)
+    T = q.shape[1]
+    mask = jnp.tril(jnp.ones((T, T), bool)) & (jnp.arange(T) < 100)[None, :]
+    got, res = aj.dot_product_attention(q, k, v, mask=mask, implementation="pallas_tpu", return_residual=True,
+                                        **opts)
+    want, want_res = aj.reference_attention(q, k, v, mask=mask, return_residual=True, **opts)
     assert_close(got, want)
-    assert_close(lse, want_lse)
+    assert_close(res, want_res)
+    # The registered implementation keeps the internal (out, lse [B, N, T] float32, -inf = no key) format.
+    inp = core.prepare_inputs(q, k, v, key_value_seq_lengths=jnp.array([0]), **opts)
+    out, lse = core.attention_core(inp, "pallas_tpu")
+    chex.assert_shape(lse, (q.shape[0], q.shape[2], q.shape[1]))
+    self.assertEqual(lse.dtype, jnp.float32)
+    np.testing.assert_array_equal(out, 0.0)
+    self.assertTrue(np.isneginf(lse).all())
 
   def test_auto_picks_pallas_tpu_on_tpu(self):
     q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
-    plain = core.prepare_inputs(q, k, v, is_causal=True)
     masked = core.prepare_inputs(q, k, v, mask=jnp.ones((1, 1, 17, 17), bool))
     with mock.patch.object(jax, "default_backend", return_value="tpu"):
-      self.assertEqual(core.resolve_implementation(None, plain), "pallas_tpu")
+      self.assertEqual(core.resolve_implementation(None, masked), "pallas_tpu")
       self.assertEqual(core.resolve_implementation("auto", None), "pallas_tpu")
-      self.assertEqual(core.resolve_implementation(None, masked), "blockwise")
     with mock.patch.object(jax, "default_backend", return_value="gpu"):
-      with self.assertRaisesRegex(ValueError, "runs on TPU"):
+      with self.assertRaisesRegex(core.UnsupportedError, "runs on TPU"):
         flash_tpu.flash_attention_tpu(q, k, v)
 
-  def test_errors(self):
-    q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
-    with self.assertRaisesRegex(ValueError, "no dense bias/mask"):
-      aj.dot_product_attention(q, k, v, mask=jnp.ones((1, 1, 17, 17), bool), implementation="pallas_tpu")
+  def test_float64_is_refused_and_dispatch_falls_through(self):
+    """float64 cannot run in the kernel (it computes in float32): UnsupportedError naming the alternatives; a
+    sequence of implementations (as "auto" is on TPU) moves on to blockwise and stays in float64."""
+    with enable_x64():
+      r = np.random.default_rng(5)
+      q, k, v = (randn(r, (1, 12, 2, 8), jnp.float64) for _ in range(3))
+      mask = jnp.asarray(r.random((1, 1, 12, 12)) > 0.3)
+      with self.assertRaisesRegex(core.UnsupportedError, "'blockwise' or 'reference'"):
+        flash_tpu.flash_attention_tpu(q, k, v, mask=mask)
+      with self.assertRaises(NotImplementedError):
+        aj.dot_product_attention(q, k, v, mask=mask, implementation="pallas_tpu")
+      got = aj.dot_product_attention(q, k, v, mask=mask, implementation=("pallas_tpu", "blockwise"))
+      self.assertEqual(got.dtype, jnp.float64)
+      assert_close(got, aj.reference_attention(q, k, v, mask=mask), jnp.float64)
+
+  def test_checkpoint(self):
+    """jax.grad through jax.checkpoint (interpreted: Pallas's interpreter has no side effects; compiled calls have
+    none either, see FlashTpuLoweringTest.test_checkpoint_lowers)."""
+    q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
+    loss = lambda impl: jax.checkpoint(
+        lambda q, k, v: (aj.dot_product_attention(q, k, v, implementation=impl, **opts) ** 2).sum())
+    got = jax.grad(loss("pallas_tpu"), argnums=(0, 1, 2))(q, k, v)
+    want = jax.grad(loss("reference"), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, want):
+      assert_close(g, w, kind="grad")
+
+  def test_differentiating_a_jitted_gradient_raises_clearly(self):
+    """Second-order autodiff the call cannot see (the first derivative taken inside a separately jitted function)
+    raises NotImplementedError naming the alternatives; when it can see it, the reference formula runs."""
+    q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
+    f = lambda q: flash_tpu.flash_attention_tpu(q, k, v, **opts).sum()
+    inner = jax.jit(jax.grad(f))
+    with self.assertRaisesRegex(NotImplementedError, "implementation='reference' or 'xla'"):
+      jax.grad(lambda q: inner(q).sum())(q)
+    vjp = jax.jit(lambda ct: jax.vjp(f, q)[1](ct)[0])
+    with self.assertRaisesRegex(NotImplementedError, "backward pass"):
+      jax.grad(lambda ct: vjp(ct).sum())(jnp.float32(1.0))
+    ref = lambda q: aj.reference_attention(q, k, v, **opts).sum()
+    assert_close(jax.grad(lambda q: jax.grad(f)(q).sum())(q), jax.grad(lambda q: jax.grad(ref)(q).sum())(q),
+                 kind="grad")
+    assert_close(jax.jvp(f, (q,), (q,))[1], jax.jvp(ref, (q,), (q,))[1])
+
+  def test_debug_infs_and_nans_stay_silent(self):
+    """Rows with no key are -inf internally; neither outputs nor the residuals a jitted grad returns show it (a
+    -inf bias entry is valid input)."""
+    r = np.random.default_rng(6)
+    q, k, v = randn(r, (2, 9, 4, 8)), randn(r, (2, 11, 2, 8)), randn(r, (2, 11, 2, 6))
+    opts = dict(is_causal=True, key_value_seq_lengths=jnp.array([0, 6]), query_seq_lengths=jnp.array([9, 4]),
+                mask=jnp.asarray(r.random((2, 1, 9, 11)) > 0.3),
+                bias=jnp.asarray(r.standard_normal((1, 4, 9, 11)), jnp.float32).at[..., 2].set(-jnp.inf))
+    f = lambda q, k, v: flash_tpu.flash_attention_tpu(q, k, v, return_residual=True, **opts)
+    g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2))
+    with jax.debug_infs(True), jax.debug_nans(True):
+      results = (f(q, k, v), g(q, k, v))
+    chex.assert_tree_all_finite(results)
+    np.testing.assert_array_equal(results[0][0][0], 0.0)     # batch 0 has no keys
+
+  def test_block_sizes_argument(self):
+    q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
+    a = flash_tpu.flash_attention_tpu(q, k, v, block_sizes=256, **opts)
+    b = flash_tpu.flash_attention_tpu(q, k, v, block_sizes=flash_tpu.BlockSizes(*(256,) * 6), **opts)
+    np.testing.assert_array_equal(a, b)
+    for bad in (0, -128, 64, 384, 128.0, "128", True, (128, 128)):
+      with self.assertRaisesRegex(ValueError, "block_sizes"):
+        flash_tpu.flash_attention_tpu(q, k, v, block_sizes=bad)
     for bad in (64, 384):
       with self.assertRaisesRegex(ValueError, "power of two >= 128"):
         flash_tpu.BlockSizes(block_k_dq=bad)
+
+  def test_batch_dims_and_zero_size(self):
+    r = np.random.default_rng(7)
+    q, k, v = randn(r, (2, 3, 9, 4, 8)), randn(r, (2, 3, 11, 2, 8)), randn(r, (2, 3, 11, 2, 6))
+    lengths = jnp.asarray(r.integers(0, 12, (2, 3)), jnp.int32)
+    opts = dict(is_causal=True, key_value_seq_lengths=lengths)
+    out, res = flash_tpu.flash_attention_tpu(q, k, v, return_residual=True, **opts)
+    want, want_res = aj.reference_attention(q, k, v, return_residual=True, **opts)
+    chex.assert_shape((out, res), ((2, 3, 9, 4, 6), (2, 3, 9, 4)))
+    assert_close(out, want)
+    assert_close(res, want_res)
+    out3 = flash_tpu.flash_attention_tpu(q[0, 0], k[0, 0], v[0, 0], is_causal=True)
+    assert_close(out3, aj.reference_attention(q[0, 0], k[0, 0], v[0, 0], is_causal=True))
+    for a, b, c in ((q[:, :, :0], k, v), (q, k[:, :, :0], v[:, :, :0]), (q, k, v[..., :0])):
+      out, res = flash_tpu.flash_attention_tpu(a, b, c, return_residual=True)
+      chex.assert_shape((out, res), (a.shape[:-1] + c.shape[-1:], a.shape[:-1]))
+      np.testing.assert_array_equal(out, 0.0)
+      np.testing.assert_array_equal(res, jnp.finfo(jnp.float32).min)
+
+  def test_reference_has_the_same_signature(self):
+    q, k, v, opts = make_inputs(DENSE_CASES["bias_11TS_mask_B1T1"], jnp.float32)
+    a, ra = flash_tpu.flash_attention_tpu(q, k, v, block_sizes=128, return_residual=True, **opts)
+    b, rb = flash_tpu.flash_attention_tpu_reference(q, k, v, block_sizes=128, return_residual=True, **opts)
+    assert_close(a, b)
+    assert_close(ra, rb)
+    self.assertEqual((ra.shape, ra.dtype), (rb.shape, rb.dtype))
+
+  def test_errors(self):
+    q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
     with self.assertRaisesRegex(ValueError, r"query.shape=\(1, 17, 2, 32\)"):
       flash_tpu.flash_attention_tpu(q, k[:, :, :, :16], v)
+    with self.assertRaisesRegex(ValueError, "does not broadcast"):
+      flash_tpu.flash_attention_tpu(q, k, v, mask=jnp.ones((1, 1, 17, 5), bool))
+    with self.assertRaisesRegex(core.UnsupportedError, "concrete scale"):
+      jax.jit(lambda s: flash_tpu.flash_attention_tpu(q, k, v, scale=s))(0.5)
+    with self.assertRaisesRegex(ValueError, "interpret"):
+      flash_tpu.flash_attention_tpu(q, k, v, interpret="yes")
 
   def test_block_size_defaults(self):
     self.assertEqual(flash_tpu.BlockSizes.get_default(128, jnp.bfloat16), flash_tpu.BlockSizes())

@@ -6,12 +6,22 @@
 * backward: a dK/dV kernel, grid ``(key blocks, B, K)``, looping over the G query heads that share each kv head
   (GQA without repeating K/V) and the query blocks that see the key block; and a dQ kernel, grid
   ``(query blocks, B, N)``. Both recompute P from the logsumexp; ``delta = rowsum(dO * O)`` is computed by XLA.
-* any T and S: the wrapper pads to whole blocks and masks inside the kernel; head dims are zero-padded to a power
-  of two; key/value lengths, query lengths, segment ids, a local window and a logits soft-cap are handled in the
-  kernel from positions and ids, never by materialising a T x S mask.
+  With a ``bias``, a fourth kernel computes its gradient over the bias's own grid (see below).
+* any T and S: the wrapper pads to whole blocks and masks inside the kernel; the query/key head dim and the value
+  head dim are each zero-padded to a power of two; key/value lengths, query lengths, segment ids, a local window
+  and a logits soft-cap are handled in the kernel from positions and ids, never by materialising a T x S mask.
+* dense ``mask`` / ``bias`` arrays ``[B|1, N|1, T|1, S|1]`` are read tile by tile beside K; a size-1 (broadcast)
+  axis is indexed at 0, never broadcast in memory. Tiles with a dense mask or bias always run masked (structured
+  masks still skip whole blocks). The bias gradient has the bias's own shape: a separate kernel over query blocks
+  and the bias's batch/head axes recomputes each tile's ``dS`` and sums it over the axes the bias broadcasts
+  (looping over them), so no ``B x N x T x S`` temporary exists; XLA drops that kernel when ``dbias`` is unused.
+* hidden positions never reach a query: masked tiles multiply only cleaned values (``where(isfinite(v), v, 0)``
+  plus a per-row flag that turns rows seeing a non-finite value into NaN; the backward selects ``dS`` and cleans q
+  / k in the dK / dQ products). Fully visible tiles run unchanged.
 
 ``flash_attention_reference`` has the same signature and computes the same function plainly.
-On CPU the kernels run in Pallas interpret mode (``interpret=None`` decides by backend).
+On CPU the kernels run in Pallas interpret mode (``interpret=None`` decides by backend). float64 is refused
+(``core.UnsupportedError``); ``dot_product_attention``'s automatic choice then moves on to "blockwise".
 """
 
 from __future__ import annotations
@@ -19,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,15 +43,18 @@ from attention_jax.kernels._common import flash_custom_vjp
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
+_TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile sizes (powers of two, >= 16) and Triton launch parameters of the three kernels.
+  """Tile sizes (powers of two, >= 16) and Triton launch parameters of the kernels.
 
   ``longest_first``: under a causal mask, launch the forward and dQ programs of the last query blocks (which see
   the most key blocks) first, so that the grid does not end on its heaviest programs (FlashAttention-2's
   ordering; the dK/dV grid already starts with its heaviest key blocks). Off by default until measured
   (``bench_kernels --implementations=pallas,pallas_longest_first`` times both orders in one run).
+  The bias-gradient kernel uses the dQ tiles.
   """
   block_q: int = 128
   block_k: int = 64
@@ -56,10 +69,14 @@ class BlockSizes:
   longest_first: bool = False
 
   def __post_init__(self):
-    for f in ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq"):
+    for f in _TILE_FIELDS:
       b = getattr(self, f)
-      if b < 16 or b & (b - 1):
-        raise ValueError(f"BlockSizes.{f}={b} must be a power of two >= 16")
+      if isinstance(b, bool) or not isinstance(b, int) or b < 16 or b & (b - 1):
+        raise ValueError(f"BlockSizes.{f}={b!r} must be a power of two >= 16")
+    for f in ("num_warps_fwd", "num_stages_fwd", "num_warps_bwd", "num_stages_bwd"):
+      n = getattr(self, f)
+      if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise ValueError(f"BlockSizes.{f}={n!r} must be a positive int")
 
   @classmethod
   def get_default(cls, head_dim: int, dtype: Any = jnp.bfloat16) -> "BlockSizes":
@@ -99,8 +116,33 @@ _DEFAULT_BLOCKS = {
 }
 
 
+def check_block_sizes(block_sizes: Any) -> BlockSizes | int | None:
+  """``None`` (the table's default), a :class:`BlockSizes`, or a plain int meaning that tile size everywhere
+  (with the table's warps and stages); anything else is a ``ValueError``."""
+  if block_sizes is None or isinstance(block_sizes, BlockSizes):
+    return block_sizes
+  if isinstance(block_sizes, int) and not isinstance(block_sizes, bool):
+    if block_sizes < 16 or block_sizes & (block_sizes - 1):
+      raise ValueError(f"block_sizes={block_sizes} must be a power of two >= 16 (or a BlockSizes)")
+    return block_sizes
+  raise ValueError(f"block_sizes must be None, an int or a flash_gpu.BlockSizes; got {block_sizes!r}")
+
+
+def _resolve_block_sizes(block_sizes: BlockSizes | int | None, head_dim: int, dtype: Any) -> BlockSizes:
+  block_sizes = check_block_sizes(block_sizes)
+  if isinstance(block_sizes, BlockSizes):
+    return block_sizes
+  default = BlockSizes.get_default(head_dim, dtype)
+  if block_sizes is None:
+    return default
+  return dataclasses.replace(default, **{f: block_sizes for f in _TILE_FIELDS})
+
+
+Dims = tuple[bool, bool, bool, bool]   # which axes of a [B|1, N|1, T|1, S|1] mask/bias are full (not broadcast)
+
+
 class _Config(NamedTuple):
-  """Static configuration shared by the three kernels (hashable)."""
+  """Static configuration shared by the kernels (hashable)."""
   scale: float
   soft_cap: float | None
   is_causal: bool
@@ -113,6 +155,8 @@ class _Config(NamedTuple):
   has_q_len: bool
   has_kv_len: bool
   has_seg: bool
+  mask_dims: Dims | None   # None: no dense mask
+  bias_dims: Dims | None   # None: no bias
   blocks: BlockSizes
   interpret: Any
   debug: bool
@@ -138,35 +182,61 @@ def _scores(cfg: _Config, q, k):
   return t * (cfg.soft_cap * LOG2E), t
 
 
-def _kv_limit(cfg: _Config, kv_len_ref):
+def _clean(x):
+  """Non-finite entries replaced by 0 (a select, so hidden garbage never meets a multiply)."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+
+
+def _kv_limit(cfg: _Config, kv_len):
   """Exclusive bound on visible keys: the true S, or the per-example length."""
   if cfg.has_kv_len:
-    return jnp.minimum(kv_len_ref[()], cfg.S)
+    return jnp.minimum(kv_len, cfg.S)
   return cfg.S
 
 
 def _needs_mask(cfg: _Config) -> bool:
   return (cfg.is_causal or cfg.window is not None or cfg.has_q_len or cfg.has_kv_len or cfg.has_seg
-          or cfg.Sp != cfg.S)
+          or cfg.Sp != cfg.S or cfg.mask_dims is not None or cfg.bias_dims is not None)
 
 
-def _tile_mask(cfg: _Config, q0, k0, bq: int, bk: int, q_len, kv_limit, q_seg, kv_seg):
+def _masks_every_block(cfg: _Config) -> bool:
+  """Ids, query lengths, dense masks and biases (which may be -inf) can hide pairs inside any block."""
+  return cfg.has_seg or cfg.has_q_len or cfg.mask_dims is not None or cfg.bias_dims is not None
+
+
+def _and(a, b):
+  return b if a is None else a & b
+
+
+def _masked_scores(cfg: _Config, s, q0, k0, q_len, kv_limit, q_seg, kv_seg, mask, bias):
+  """Applies every mask to the tile logits ``s [bq, bk]`` (and adds the bias): ``(s, visible)``.
+
+  ``mask`` / ``bias`` are the dense tiles (``[bq|1, bk|1]``, broadcast here) or None; a ``-inf`` bias hides its
+  pair like a mask does.
+  """
+  bq, bk = s.shape
   rows = q0 + jnp.arange(bq, dtype=jnp.int32)[:, None]
   cols = k0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
   kv_lim = kv_limit if (cfg.has_kv_len or cfg.Sp != cfg.S) else None
-  mask = _tiling.position_mask(rows, cols, is_causal=cfg.is_causal, window=cfg.window, kv_limit=kv_lim,
-                               q_limit=q_len)
+  vis = _tiling.position_mask(rows, cols, is_causal=cfg.is_causal, window=cfg.window, kv_limit=kv_lim,
+                              q_limit=q_len)
   if cfg.has_seg:
-    seg = q_seg[:, None] == kv_seg[None, :]
-    mask = seg if mask is None else mask & seg
-  return mask
+    vis = _and(vis, q_seg[:, None] == kv_seg[None, :])
+  if bias is not None:
+    bias = bias.astype(jnp.float32)
+    s = s + bias * LOG2E
+    vis = _and(vis, bias != -jnp.inf)
+  if mask is not None:
+    vis = _and(vis, mask)
+  vis = jnp.broadcast_to(vis, s.shape)
+  return jnp.where(vis, s, -jnp.inf), vis
 
 
 def _split_loops(cfg: _Config, lo, hi, u_lo, u_hi, masked_body, unmasked_body, carry):
   """Runs blocks [lo, hi): the fully visible [u_lo, u_hi) without a mask, the rest with one."""
   if not _needs_mask(cfg):
     return lax.fori_loop(lo, hi, unmasked_body, carry)
-  if cfg.has_seg or cfg.has_q_len:   # ids and query lengths can mask inside any block
+  if _masks_every_block(cfg):
     return lax.fori_loop(lo, hi, masked_body, carry)
   carry = lax.fori_loop(lo, u_lo, masked_body, carry)
   carry = lax.fori_loop(u_lo, u_hi, unmasked_body, carry)
@@ -188,75 +258,130 @@ def _kv_range(cfg: _Config, q0, bq: int, bk: int, q_len, kv_limit):
   return lo, hi, u_lo, u_hi
 
 
+def _cols_tile(r: dict, name: str, dims: Dims | None, k0, bk: int):
+  """The ``[bq|1, bk|1]`` tile of a dense mask/bias whose program block is ``[bq|1, Sp|1]`` (None if absent)."""
+  if dims is None:
+    return None
+  return r[name][:, pl.ds(k0, bk)] if dims[3] else r[name][...]
+
+
+def _cols_tiles(cfg: _Config, r: dict, k0, bk: int):
+  """The dense mask and bias tiles (each None if absent) of a program over query blocks."""
+  return _cols_tile(r, "mask", cfg.mask_dims, k0, bk), _cols_tile(r, "bias", cfg.bias_dims, k0, bk)
+
+
+def _dense_5d(x, dims: Dims, K: int):
+  """``[B|1, N|1, T', S']`` -> ``[B|1, K|1, G|1, T', S']`` (a free reshape: kv head, then group)."""
+  Bx, Nx, Tx, Sx = x.shape
+  return x.reshape(Bx, K, Nx // K, Tx, Sx) if dims[1] else x.reshape(Bx, 1, 1, Tx, Sx)
+
+
+def _pallas(kernel: Callable, cfg: _Config, name: str, grid, inputs, out_specs, out_shape, params):
+  """``pallas_call`` over the inputs that are present: ``inputs`` lists ``(name, array or None, BlockSpec)``; the
+  kernel gets a dict of the present refs by name, then the output refs."""
+  present = [(n, x, s) for n, x, s in inputs if x is not None]
+  names = tuple(n for n, _, _ in present)
+
+  def body(*refs):
+    kernel(dict(zip(names, refs[:len(names)])), *refs[len(names):], cfg=cfg)
+
+  return pl.pallas_call(
+      body, grid=grid, in_specs=[s for _, _, s in present], out_specs=out_specs, out_shape=out_shape,
+      compiler_params=params, interpret=cfg.interpret, debug=cfg.debug, name=name,
+  )(*[x for _, x, _ in present])
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _fwd_kernel(q_ref, k_ref, v_ref, q_len_ref, kv_len_ref, q_seg_ref, kv_seg_ref, o_ref, lse_ref, *,
-                cfg: _Config):
+def _fwd_kernel(r: dict, o_ref, lse_ref, *, cfg: _Config):
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
   q0 = _q_block(cfg, pl.program_id(0), bq) * bq
-  q = q_ref[...]
-  q_len = q_len_ref[()] if cfg.has_q_len else None
-  kv_limit = _kv_limit(cfg, kv_len_ref)
-  q_seg = q_seg_ref[...] if cfg.has_seg else None
+  q = r["q"][...]
+  q_len = r["q_len"][()] if cfg.has_q_len else None
+  kv_limit = _kv_limit(cfg, r["kv_len"][()] if cfg.has_kv_len else None)
+  q_seg = r["q_seg"][...] if cfg.has_seg else None
+  flags = _needs_mask(cfg)   # rows that see a non-finite value in a masked tile are flagged, then set to NaN
 
   def body(j, carry, masked):
-    acc, m, l = carry
+    acc, m, l, bad = carry
     k0 = j * bk
-    k = k_ref[pl.ds(k0, bk), :]
+    k = r["k"][pl.ds(k0, bk), :]
+    v = r["v"][pl.ds(k0, bk), :]
     s, _ = _scores(cfg, q, k)
     if masked:
-      kv_seg = kv_seg_ref[pl.ds(k0, bk)] if cfg.has_seg else None
-      s = jnp.where(_tile_mask(cfg, q0, k0, bq, bk, q_len, kv_limit, q_seg, kv_seg), s, -jnp.inf)
+      kv_seg = r["kv_seg"][pl.ds(k0, bk)] if cfg.has_seg else None
+      s, vis = _masked_scores(cfg, s, q0, k0, q_len, kv_limit, q_seg, kv_seg, *_cols_tiles(cfg, r, k0, bk))
+      v_ok = jnp.isfinite(v)
+      v_bad = jnp.max(jnp.where(v_ok, 0.0, 1.0), axis=1)                              # [bk]
+      bad = jnp.maximum(bad, jnp.max(jnp.where(vis & (v_bad[None, :] > 0.0), 1.0, 0.0), axis=1))
+      v = jnp.where(v_ok, v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)     # rows that have seen no key yet
     p = jnp.exp2(s - m_safe[:, None])
     correction = jnp.exp2(m - m_safe)
     l = l * correction + jnp.sum(p, axis=1)
-    v = v_ref[pl.ds(k0, bk), :]
     acc = acc * correction[:, None] + _dot(p.astype(v.dtype), v)
-    return acc, m_new, l
+    return acc, m_new, l, bad
 
   lo, hi, u_lo, u_hi = _kv_range(cfg, q0, bq, bk, q_len, kv_limit)
-  init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32), jnp.zeros((bq,), jnp.float32))
-  acc, m, l = _split_loops(cfg, lo, hi, u_lo, u_hi, functools.partial(body, masked=True),
-                           functools.partial(body, masked=False), init)
-  seen = l > 0.0
-  l_safe = jnp.where(seen, l, 1.0)
-  o_ref[...] = (acc / l_safe[:, None]).astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * LN2, -jnp.inf)
+  init = (jnp.zeros((bq, o_ref.shape[-1]), jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
+          jnp.zeros((bq,), jnp.float32), jnp.zeros((bq,), jnp.float32))
+  acc, m, l, bad = _split_loops(cfg, lo, hi, u_lo, u_hi, functools.partial(body, masked=True),
+                                functools.partial(body, masked=False), init)
+  empty = l == 0.0            # no visible key (a NaN sum is not empty: it propagates)
+  l_safe = jnp.where(empty, 1.0, l)
+  out = acc / l_safe[:, None]
+  if flags:
+    out = jnp.where(bad[:, None] > 0.0, jnp.nan, out)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(empty, -jnp.inf, (m + jnp.log2(l_safe)) * LN2)
 
 
-def _specs_q(cfg: _Config, bq: int, hp: int):
+def _specs_q(cfg: _Config, bq: int, hp: int, hvp: int):
   """BlockSpecs of a program over (query block i, batch b, query head n)."""
   G = cfg.groups
   qb = lambda i: _q_block(cfg, i, bq)
+
+  def dense(dims):
+    if dims is None:
+      return None
+    fb, fn, ft, fs = dims
+    head = lambda n: (_tiling.floordiv(n, G), lax.rem(n, G)) if fn else (0, 0)
+    return pl.BlockSpec((None, None, None, bq if ft else 1, cfg.Sp if fs else 1),
+                        lambda i, b, n: (b if fb else 0, *head(n), qb(i) if ft else 0, 0))
+
   return dict(
       q=pl.BlockSpec((None, bq, None, hp), lambda i, b, n: (b, qb(i), n, 0)),
-      kv=pl.BlockSpec((None, cfg.Sp, None, hp), lambda i, b, n: (b, 0, n // G, 0)),
+      o=pl.BlockSpec((None, bq, None, hvp), lambda i, b, n: (b, qb(i), n, 0)),
+      k=pl.BlockSpec((None, cfg.Sp, None, hp), lambda i, b, n: (b, 0, n // G, 0)),
+      v=pl.BlockSpec((None, cfg.Sp, None, hvp), lambda i, b, n: (b, 0, n // G, 0)),
       scalar=pl.BlockSpec((None,), lambda i, b, n: (b,)),
       q_seg=pl.BlockSpec((None, bq), lambda i, b, n: (b, qb(i))),
       kv_seg=pl.BlockSpec((None, cfg.Sp), lambda i, b, n: (b, 0)),
       row=pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, qb(i))),
+      mask=dense(cfg.mask_dims),
+      bias=dense(cfg.bias_dims),
   )
 
 
-def _forward(cfg: _Config, q, k, v, q_len, kv_len, q_seg, kv_seg):
+def _forward(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask):
   B, Tp, N, hp = q.shape
+  K, hvp = v.shape[2:]
   bq = cfg.blocks.block_q
-  sp = _specs_q(cfg, bq, hp)
-  return pl.pallas_call(
-      functools.partial(_fwd_kernel, cfg=cfg),
-      grid=(Tp // bq, B, N),
-      in_specs=[sp["q"], sp["kv"], sp["kv"], sp["scalar"], sp["scalar"], sp["q_seg"], sp["kv_seg"]],
-      out_specs=[sp["q"], sp["row"]],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
-      compiler_params=plgpu.CompilerParams(num_warps=cfg.blocks.num_warps_fwd,
-                                           num_stages=cfg.blocks.num_stages_fwd),
-      interpret=cfg.interpret, debug=cfg.debug, name="attention_jax_flash_fwd",
-  )(q, k, v, q_len, kv_len, q_seg, kv_seg)
+  sp = _specs_q(cfg, bq, hp, hvp)
+  mask5 = None if mask is None else _dense_5d(mask, cfg.mask_dims, K)
+  bias5 = None if bias is None else _dense_5d(bias, cfg.bias_dims, K)
+  inputs = [("q", q, sp["q"]), ("k", k, sp["k"]), ("v", v, sp["v"]), ("q_len", q_len, sp["scalar"]),
+            ("kv_len", kv_len, sp["scalar"]), ("q_seg", q_seg, sp["q_seg"]), ("kv_seg", kv_seg, sp["kv_seg"]),
+            ("mask", mask5, sp["mask"]), ("bias", bias5, sp["bias"])]
+  return _pallas(
+      _fwd_kernel, cfg, "attention_jax_flash_fwd", (Tp // bq, B, N), inputs,
+      out_specs=[sp["o"], sp["row"]],
+      out_shape=[jax.ShapeDtypeStruct((B, Tp, N, hvp), q.dtype), jax.ShapeDtypeStruct((B, N, Tp), jnp.float32)],
+      params=plgpu.CompilerParams(num_warps=cfg.blocks.num_warps_fwd, num_stages=cfg.blocks.num_stages_fwd))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -264,75 +389,94 @@ def _forward(cfg: _Config, q, k, v, q_len, kv_len, q_seg, kv_seg):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _dkdv_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, q_len_ref, kv_len_ref, q_seg_ref, kv_seg_ref,
-                 dk_ref, dv_ref, *, cfg: _Config):
+def _probs(s, lse2, vis):
+  """A tile's probabilities from the row logsumexp (base 2); in masked tiles a select, so that hidden pairs are
+  exactly 0 whatever their logits or the row's logsumexp hold."""
+  p = jnp.exp2(s - lse2[:, None])
+  return p if vis is None else jnp.where(vis, p, 0.0)
+
+
+def _dlogits(cfg: _Config, p, dp, delta, tanh, vis):
+  """dS with respect to the raw products ``q·k``: ``P (dP - delta)`` through the soft-cap and the scale; selected
+  in masked tiles (a NaN in a hidden v, or a hidden pair's tanh, must not reach dQ / dK)."""
+  ds = p * (dp - delta[:, None])
+  if tanh is not None:
+    ds = ds * (1.0 - tanh * tanh)
+  if vis is not None:
+    ds = jnp.where(vis, ds, 0.0)
+  return ds * cfg.scale
+
+
+def _dkdv_kernel(r: dict, dk_ref, dv_ref, *, cfg: _Config):
   bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
   k0 = pl.program_id(0) * bk
-  k, v = k_ref[...], v_ref[...]
-  q_len = q_len_ref[()] if cfg.has_q_len else None
-  kv_limit = _kv_limit(cfg, kv_len_ref)
-  kv_seg = kv_seg_ref[...] if cfg.has_seg else None
+  k, v = r["k"][...], r["v"][...]
+  q_len = r["q_len"][()] if cfg.has_q_len else None
+  kv_limit = _kv_limit(cfg, r["kv_len"][()] if cfg.has_kv_len else None)
+  kv_seg = r["kv_seg"][...] if cfg.has_seg else None
   q_bound = cfg.T if q_len is None else jnp.minimum(q_len, cfg.T)
   lo, hi = _tiling.q_block_range(k0, bk, bq, q_len=q_bound, is_causal=cfg.is_causal, window=cfg.window,
                                  kv_limit=kv_limit)
   u_lo, u_hi = _tiling.unmasked_q_block_range(k0, bk, bq, lo, hi, kv_len=kv_limit, is_causal=cfg.is_causal,
                                               window=cfg.window)
 
+  def rows_tile(name, dims, g, q0):
+    """The ``[bq|1, bk|1]`` tile of a dense mask/bias whose program block is ``[G|1, Tp|1, bk|1]``."""
+    if dims is None:
+      return None
+    gi = g if dims[1] else 0
+    return r[name][gi, pl.ds(q0, bq), :] if dims[2] else r[name][gi, :, :]
+
   def head(g, carry):
     def body(i, c, masked):
       dk, dv = c
       q0 = i * bq
-      q = q_ref[pl.ds(q0, bq), g, :]
-      do = do_ref[pl.ds(q0, bq), g, :]
-      lse2 = lse2_ref[g, pl.ds(q0, bq)]
-      delta = delta_ref[g, pl.ds(q0, bq)]
+      q = r["q"][pl.ds(q0, bq), g, :]
+      do = r["do"][pl.ds(q0, bq), g, :]
+      lse2 = r["lse2"][g, pl.ds(q0, bq)]
+      delta = r["delta"][g, pl.ds(q0, bq)]
       s, tanh = _scores(cfg, q, k)
+      vis = None
       if masked:
-        q_seg = q_seg_ref[pl.ds(q0, bq)] if cfg.has_seg else None
-        s = jnp.where(_tile_mask(cfg, q0, k0, bq, bk, q_len, kv_limit, q_seg, kv_seg), s, -jnp.inf)
-      p = jnp.exp2(s - lse2[:, None])
+        q_seg = r["q_seg"][pl.ds(q0, bq)] if cfg.has_seg else None
+        s, vis = _masked_scores(cfg, s, q0, k0, q_len, kv_limit, q_seg, kv_seg,
+                                rows_tile("mask", cfg.mask_dims, g, q0), rows_tile("bias", cfg.bias_dims, g, q0))
+        q = _clean(q)        # a hidden query row may hold garbage; ds is 0 there, and 0 * NaN must not happen
+      p = _probs(s, lse2, vis)
       dv = dv + _dot(p.astype(do.dtype).T, do)
-      dp = _dot(do, v.T)
-      ds = p * (dp - delta[:, None])
-      if tanh is not None:
-        ds = ds * (1.0 - tanh * tanh)
-      ds = ds * cfg.scale
+      ds = _dlogits(cfg, p, _dot(do, v.T), delta, tanh, vis)
       dk = dk + _dot(ds.astype(q.dtype).T, q)
       return dk, dv
 
     return _split_loops(cfg, lo, hi, u_lo, u_hi, functools.partial(body, masked=True),
                         functools.partial(body, masked=False), carry)
 
-  zeros = jnp.zeros(k.shape, jnp.float32)
-  dk, dv = lax.fori_loop(0, cfg.groups, head, (zeros, zeros))
+  init = (jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32))
+  dk, dv = lax.fori_loop(0, cfg.groups, head, init)
   dk_ref[...] = dk.astype(dk_ref.dtype)
   dv_ref[...] = dv.astype(dv_ref.dtype)
 
 
-def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, q_len_ref, kv_len_ref, q_seg_ref, kv_seg_ref,
-               dq_ref, *, cfg: _Config):
+def _dq_kernel(r: dict, dq_ref, *, cfg: _Config):
   bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
   q0 = _q_block(cfg, pl.program_id(0), bq) * bq
-  q, do = q_ref[...], do_ref[...]
-  lse2, delta = lse2_ref[...], delta_ref[...]
-  q_len = q_len_ref[()] if cfg.has_q_len else None
-  kv_limit = _kv_limit(cfg, kv_len_ref)
-  q_seg = q_seg_ref[...] if cfg.has_seg else None
+  q, do = r["q"][...], r["do"][...]
+  lse2, delta = r["lse2"][...], r["delta"][...]
+  q_len = r["q_len"][()] if cfg.has_q_len else None
+  kv_limit = _kv_limit(cfg, r["kv_len"][()] if cfg.has_kv_len else None)
+  q_seg = r["q_seg"][...] if cfg.has_seg else None
 
   def body(j, dq, masked):
     k0 = j * bk
-    k = k_ref[pl.ds(k0, bk), :]
-    v = v_ref[pl.ds(k0, bk), :]
+    k = r["k"][pl.ds(k0, bk), :]
+    v = r["v"][pl.ds(k0, bk), :]
     s, tanh = _scores(cfg, q, k)
+    vis = None
     if masked:
-      kv_seg = kv_seg_ref[pl.ds(k0, bk)] if cfg.has_seg else None
-      s = jnp.where(_tile_mask(cfg, q0, k0, bq, bk, q_len, kv_limit, q_seg, kv_seg), s, -jnp.inf)
-    p = jnp.exp2(s - lse2[:, None])
-    dp = _dot(do, v.T)
-    ds = p * (dp - delta[:, None])
-    if tanh is not None:
-      ds = ds * (1.0 - tanh * tanh)
-    ds = ds * cfg.scale
+      kv_seg = r["kv_seg"][pl.ds(k0, bk)] if cfg.has_seg else None
+      s, vis = _masked_scores(cfg, s, q0, k0, q_len, kv_limit, q_seg, kv_seg, *_cols_tiles(cfg, r, k0, bk))
+      k = _clean(k)
+    ds = _dlogits(cfg, _probs(s, lse2, vis), _dot(do, v.T), delta, tanh, vis)
     return dq + _dot(ds.astype(k.dtype), k)
 
   lo, hi, u_lo, u_hi = _kv_range(cfg, q0, bq, bk, q_len, kv_limit)
@@ -341,50 +485,182 @@ def _dq_kernel(q_ref, k_ref, v_ref, do_ref, lse2_ref, delta_ref, q_len_ref, kv_l
   dq_ref[...] = dq.astype(dq_ref.dtype)
 
 
-def _backward(cfg: _Config, q, k, v, q_len, kv_len, q_seg, kv_seg, out, lse, d_out, d_lse):
+def _dbias_kernel(r: dict, dbias_ref, *, cfg: _Config):
+  """One program per (query block, bias batch row, bias head): loops over the key blocks its rows can see and over
+  the (batch, head) pairs the bias broadcasts over, recomputing each tile's dS and summing it into the bias's
+  shape (rows / columns summed where the bias broadcasts over T / S)."""
+  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+  fb, fn, ft, fs = cfg.bias_dims
+  B, _, N, _ = r["q"].shape
+  G = cfg.groups
+  q0 = pl.program_id(0) * bq
+  bb, nb = pl.program_id(1), pl.program_id(2)
+  nb_loop = 1 if fb else B          # batch rows summed into this program's bias entries
+  nn_loop = 1 if fn else N          # heads summed likewise
+
+  def lengths(b):
+    q_len = r["q_len"][b] if cfg.has_q_len else None
+    return q_len, _kv_limit(cfg, r["kv_len"][b] if cfg.has_kv_len else None)
+
+  # Key blocks the rows can see: from this batch row's lengths, or from the positions alone when looping over rows.
+  if fb:
+    q_len, kv_limit = lengths(bb)
+    lo, hi = _tiling.kv_block_range(q0, bq, bk, kv_len=kv_limit, is_causal=cfg.is_causal, window=cfg.window,
+                                    q_limit=q_len)
+  else:
+    lo, hi = _tiling.kv_block_range(q0, bq, bk, kv_len=cfg.S, is_causal=cfg.is_causal, window=cfg.window)
+
+  def tile_ds(k0, b, n):
+    q_len, kv_limit = lengths(b)
+    q = r["q"][b, :, n, :]
+    do = r["do"][b, :, n, :]
+    lse2, delta = r["lse2"][b, n, :], r["delta"][b, n, :]
+    h = _tiling.floordiv(n, G)
+    k = r["k"][b, pl.ds(k0, bk), h, :]
+    v = r["v"][b, pl.ds(k0, bk), h, :]
+    q_seg = r["q_seg"][b, :] if cfg.has_seg else None
+    kv_seg = r["kv_seg"][b, pl.ds(k0, bk)] if cfg.has_seg else None
+    mask = None
+    if cfg.mask_dims is not None:
+      mb, mn, _, ms = cfg.mask_dims
+      idx = (b if mb else 0, _tiling.floordiv(n, G) if mn else 0, lax.rem(n, G) if mn else 0, slice(None))
+      mask = r["mask"][idx + ((pl.ds(k0, bk),) if ms else (slice(None),))]
+    s, _ = _scores(cfg, q, k)
+    s, vis = _masked_scores(cfg, s, q0, k0, q_len, kv_limit, q_seg, kv_seg, mask,
+                            _cols_tile(r, "bias", cfg.bias_dims, k0, bk))
+    ds = _probs(s, lse2, vis) * (_dot(do, v.T) - delta[:, None])    # d logits, before the soft-cap
+    return jnp.where(vis, ds, 0.0)
+
+  def reduce(ds):
+    if not ft:
+      ds = jnp.sum(ds, axis=0, keepdims=True)
+    if not fs:
+      ds = jnp.sum(ds, axis=1, keepdims=True)
+    return ds
+
+  def key_block(j, acc):
+    k0 = j * bk
+
+    def pair(t, tile):
+      b = bb if fb else _tiling.floordiv(t, nn_loop)
+      n = nb if fn else lax.rem(t, nn_loop)
+      return tile + tile_ds(k0, b, n)
+
+    tile = lax.fori_loop(0, nb_loop * nn_loop, pair, jnp.zeros((bq, bk), jnp.float32))
+    if fs:
+      dbias_ref[:, pl.ds(k0, bk)] = reduce(tile).astype(dbias_ref.dtype)
+      return acc
+    return acc + reduce(tile)
+
+  if fs:
+    def zero_block(j, carry):   # key blocks no row sees
+      dbias_ref[:, pl.ds(j * bk, bk)] = jnp.zeros((dbias_ref.shape[0], bk), dbias_ref.dtype)
+      return carry
+
+    done = lax.fori_loop(0, lo, zero_block, jnp.int32(0))
+    done = lax.fori_loop(hi, cfg.Sp // bk, zero_block, done)
+    lax.fori_loop(lo, hi, key_block, done)
+  else:
+    acc = lax.fori_loop(lo, hi, key_block, jnp.zeros(dbias_ref.shape, jnp.float32))   # [bq|1, 1]
+    dbias_ref[...] = acc.astype(dbias_ref.dtype)
+
+
+def _dbias(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask, d_out, lse2, delta):
+  """The bias gradient in the padded bias's shape ``[B|1, N|1, Tp|1, Sp|1]``, from a kernel over its own grid."""
   B, Tp, N, hp = q.shape
-  Sp, K = k.shape[1:3]
+  Sp, K, hvp = v.shape[1:]
+  Bb, Nb = bias.shape[:2]
+  fb, fn, ft, fs = cfg.bias_dims
+  bq = cfg.blocks.block_q_dq
+  nq = Tp // bq
+  full = lambda shape: pl.BlockSpec(shape, lambda i, b, n: (0,) * len(shape))
+  mask_spec = None
+  if mask is not None:
+    mask = _dense_5d(mask, cfg.mask_dims, K)
+    mt = cfg.mask_dims[2]
+    mask_spec = pl.BlockSpec(mask.shape[:3] + (bq if mt else 1, mask.shape[4]),
+                             lambda i, b, n: (0, 0, 0, i if mt else 0, 0))
+  bias_spec = pl.BlockSpec((None, None, bq if ft else 1, Sp if fs else 1),
+                           lambda i, b, n: (b, n, i if ft else 0, 0))
+  rows = pl.BlockSpec((B, N, bq), lambda i, b, n: (0, 0, i))
+  inputs = [("q", q, pl.BlockSpec((B, bq, N, hp), lambda i, b, n: (0, i, 0, 0))),
+            ("k", k, full(k.shape)), ("v", v, full(v.shape)),
+            ("do", d_out, pl.BlockSpec((B, bq, N, hvp), lambda i, b, n: (0, i, 0, 0))),
+            ("lse2", lse2, rows), ("delta", delta, rows),
+            ("q_len", q_len, full((B,))), ("kv_len", kv_len, full((B,))),
+            ("q_seg", q_seg, pl.BlockSpec((B, bq), lambda i, b, n: (0, i))), ("kv_seg", kv_seg, full((B, Sp))),
+            ("mask", mask, mask_spec), ("bias", bias, bias_spec)]
+  if ft:    # each program owns its rows of dbias
+    out_shape = jax.ShapeDtypeStruct(bias.shape, bias.dtype)
+    out_spec = pl.BlockSpec((None, None, bq, Sp if fs else 1), lambda i, b, n: (b, n, i, 0))
+  else:     # each program writes its query block's column sums; XLA adds them up
+    out_shape = jax.ShapeDtypeStruct((nq,) + bias.shape, jnp.float32)
+    out_spec = pl.BlockSpec((None, None, None, 1, Sp if fs else 1), lambda i, b, n: (i, b, n, 0, 0))
+  blk = cfg.blocks
+  dbias = _pallas(_dbias_kernel, cfg, "attention_jax_flash_dbias", (nq, Bb, Nb), inputs, out_spec, out_shape,
+                  plgpu.CompilerParams(num_warps=blk.num_warps_bwd, num_stages=blk.num_stages_bwd))
+  return dbias if ft else jnp.sum(dbias, axis=0).astype(bias.dtype)
+
+
+def _backward(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask, out, lse, d_out, d_lse):
+  B, Tp, N, hp = q.shape
+  Sp, K, hvp = v.shape[1:]
   G = cfg.groups
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta = delta - d_lse.astype(jnp.float32)             # a logsumexp cotangent enters as -d_lse
-  lse2 = jnp.where(jnp.isfinite(lse), lse * LOG2E, jnp.inf)   # rows with no key: P = 0
+  # Rows with no visible key have lse 0 in the residuals (or -inf): either way every logit of theirs is masked.
+  lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
   blk = cfg.blocks
   params = plgpu.CompilerParams(num_warps=blk.num_warps_bwd, num_stages=blk.num_stages_bwd)
 
   # dK, dV: one program per (key block, batch, kv head); the G query heads of that kv head are looped inside.
-  bq, bk = blk.block_q_dkv, blk.block_k_dkv
-  q_heads = pl.BlockSpec((None, Tp, None, G, hp), lambda j, b, h: (b, 0, h, 0, 0))
-  kv_blk = pl.BlockSpec((None, bk, None, hp), lambda j, b, h: (b, j, h, 0))
+  bk = blk.block_k_dkv
+
+  def dense_kv(dims):
+    if dims is None:
+      return None
+    fb, fn, ft, fs = dims
+    return pl.BlockSpec((None, None, G if fn else 1, Tp if ft else 1, bk if fs else 1),
+                        lambda j, b, h: (b if fb else 0, h if fn else 0, 0, 0, j if fs else 0))
+
+  scalar = pl.BlockSpec((None,), lambda j, b, h: (b,))
   rows = pl.BlockSpec((None, None, G, Tp), lambda j, b, h: (b, h, 0, 0))
-  dk, dv = pl.pallas_call(
-      functools.partial(_dkdv_kernel, cfg=cfg),
-      grid=(Sp // bk, B, K),
-      in_specs=[q_heads, kv_blk, kv_blk, q_heads, rows, rows,
-                pl.BlockSpec((None,), lambda j, b, h: (b,)), pl.BlockSpec((None,), lambda j, b, h: (b,)),
-                pl.BlockSpec((None, Tp), lambda j, b, h: (b, 0)), pl.BlockSpec((None, bk), lambda j, b, h: (b, j))],
-      out_specs=[kv_blk, kv_blk],
-      out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params, interpret=cfg.interpret, debug=cfg.debug, name="attention_jax_flash_dkdv",
-  )(q.reshape(B, Tp, K, G, hp), k, v, d_out.reshape(B, Tp, K, G, hp), lse2.reshape(B, K, G, Tp),
-    delta.reshape(B, K, G, Tp), q_len, kv_len, q_seg, kv_seg)
+  k_blk = pl.BlockSpec((None, bk, None, hp), lambda j, b, h: (b, j, h, 0))
+  v_blk = pl.BlockSpec((None, bk, None, hvp), lambda j, b, h: (b, j, h, 0))
+  mask5 = None if mask is None else _dense_5d(mask, cfg.mask_dims, K)
+  bias5 = None if bias is None else _dense_5d(bias, cfg.bias_dims, K)
+  inputs = [("q", q.reshape(B, Tp, K, G, hp), pl.BlockSpec((None, Tp, None, G, hp), lambda j, b, h: (b, 0, h, 0, 0))),
+            ("k", k, k_blk), ("v", v, v_blk),
+            ("do", d_out.reshape(B, Tp, K, G, hvp),
+             pl.BlockSpec((None, Tp, None, G, hvp), lambda j, b, h: (b, 0, h, 0, 0))),
+            ("lse2", lse2.reshape(B, K, G, Tp), rows), ("delta", delta.reshape(B, K, G, Tp), rows),
+            ("q_len", q_len, scalar), ("kv_len", kv_len, scalar),
+            ("q_seg", q_seg, pl.BlockSpec((None, Tp), lambda j, b, h: (b, 0))),
+            ("kv_seg", kv_seg, pl.BlockSpec((None, bk), lambda j, b, h: (b, j))),
+            ("mask", mask5, dense_kv(cfg.mask_dims)), ("bias", bias5, dense_kv(cfg.bias_dims))]
+  dk, dv = _pallas(_dkdv_kernel, cfg, "attention_jax_flash_dkdv", (Sp // bk, B, K), inputs,
+                   out_specs=[k_blk, v_blk],
+                   out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
+                   params=params)
 
   # dQ: one program per (query block, batch, query head).
   bq = blk.block_q_dq
-  sp = _specs_q(cfg, bq, hp)
-  dq = pl.pallas_call(
-      functools.partial(_dq_kernel, cfg=cfg),
-      grid=(Tp // bq, B, N),
-      in_specs=[sp["q"], sp["kv"], sp["kv"], sp["q"], sp["row"], sp["row"], sp["scalar"], sp["scalar"],
-                sp["q_seg"], sp["kv_seg"]],
-      out_specs=sp["q"],
-      out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype),
-      compiler_params=params, interpret=cfg.interpret, debug=cfg.debug, name="attention_jax_flash_dq",
-  )(q, k, v, d_out, lse2, delta, q_len, kv_len, q_seg, kv_seg)
-  return dq, dk, dv
+  sp = _specs_q(cfg, bq, hp, hvp)
+  inputs = [("q", q, sp["q"]), ("k", k, sp["k"]), ("v", v, sp["v"]), ("do", d_out, sp["o"]),
+            ("lse2", lse2, sp["row"]), ("delta", delta, sp["row"]), ("q_len", q_len, sp["scalar"]),
+            ("kv_len", kv_len, sp["scalar"]), ("q_seg", q_seg, sp["q_seg"]), ("kv_seg", kv_seg, sp["kv_seg"]),
+            ("mask", mask5, sp["mask"]), ("bias", bias5, sp["bias"])]
+  dq = _pallas(_dq_kernel, cfg, "attention_jax_flash_dq", (Tp // bq, B, N), inputs, out_specs=sp["q"],
+               out_shape=jax.ShapeDtypeStruct(q.shape, q.dtype), params=params)
+
+  dbias = None
+  if bias is not None:
+    dbias = _dbias(cfg, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask, d_out, lse2, delta)
+  return dq, dk, dv, dbias
 
 
-# (out, lse) with a recomputing backward: saves q, k, v, aux, out and lse only.
-_flash = flash_custom_vjp(_forward, _backward)
+# (out, lse) with a recomputing backward: saves q, k, v, bias, aux, out and lse only (lse finite).
+_flash = flash_custom_vjp(_forward, _backward, with_bias=True, finite_residuals=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -398,23 +674,56 @@ def _resolve_interpret(interpret):
     if backend == "cpu":
       return True
     if backend != "gpu":
-      raise ValueError(f"the Triton flash kernel runs on GPU (or interpreted on CPU); backend is {backend!r}. "
-                       "Use implementation='pallas_tpu' on TPU or 'blockwise' anywhere")
+      raise core.UnsupportedError(
+          f"the Triton flash kernel runs on GPU (or interpreted on CPU); backend is {backend!r}. Use "
+          "implementation='pallas_tpu' on TPU or 'blockwise' anywhere")
     return False
   return interpret
 
 
-def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | None = None, interpret=None,
+MAX_HEAD_DIM = 256   # a tile holds a whole (padded) head dim; beyond this it would not fit the GPU's on-chip memory
+
+
+def _check_supported(inp: core.AttentionInputs) -> None:
+  """``core.UnsupportedError`` for calls the kernel cannot take (dispatch then tries the next implementation)."""
+  dtype = inp.query.dtype
+  if dtype == jnp.float64:
+    raise core.UnsupportedError(
+        f"the Pallas flash kernel computes in float32 and cannot keep float64 inputs in float64 ({inp.shapes}); use "
+        "implementation='blockwise' or 'reference'")
+  if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+    raise core.UnsupportedError(f"the Pallas flash kernel takes float32, bfloat16 or float16 inputs; got {dtype} "
+                                f"({inp.shapes}); use implementation='blockwise' or 'reference'")
+  H, Hv = inp.query.shape[-1], inp.value.shape[-1]
+  if max(padded_head_dim(H), padded_head_dim(Hv)) > MAX_HEAD_DIM:
+    raise core.UnsupportedError(f"the Pallas flash kernel takes head dims up to {MAX_HEAD_DIM}; got H={H}, Hv={Hv} "
+                                f"({inp.shapes}); use implementation='blockwise' or 'reference'")
+
+
+def _dense_dims(x: jax.Array | None) -> Dims | None:
+  return None if x is None else tuple(d != 1 for d in x.shape)
+
+
+def _pad_dense(x: jax.Array | None, Tp: int, Sp: int, fill):
+  """A ``[B|1, N|1, T|1, S|1]`` mask/bias padded along its full T and S axes (size-1 axes stay size 1)."""
+  if x is None:
+    return None
+  pad_t = Tp - x.shape[2] if x.shape[2] != 1 else 0
+  pad_s = Sp - x.shape[3] if x.shape[3] != 1 else 0
+  if pad_t == 0 and pad_s == 0:
+    return x
+  return jnp.pad(x, ((0, 0), (0, 0), (0, pad_t), (0, pad_s)), constant_values=fill)
+
+
+def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | None = None, interpret=None,
                debug: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Runs validated inputs through the kernels: ``(output [B,T,N,H], lse [B,N,T])`` (lse differentiable)."""
-  if inp.bias is not None or inp.mask is not None:
-    raise ValueError("the Pallas flash kernel takes no dense bias/mask arrays (they would cost O(T x S) memory); "
-                     "express masks with is_causal, local_window_size, sequence lengths or segment ids, or use "
-                     "implementation='blockwise' / 'reference'")
+  """Runs validated inputs through the kernels: ``(output [B,T,N,Hv], lse [B,N,T])`` (differentiable, also with
+  respect to the bias). ``core.UnsupportedError`` for what the kernel cannot take."""
+  _check_supported(inp)
   from attention_jax.blockwise import _static_float   # shared helper; blockwise is pure JAX and light
   B, T, N, H = inp.query.shape
-  S, K = inp.key.shape[1:3]
-  blocks = BlockSizes.get_default(H, inp.query.dtype) if block_sizes is None else block_sizes
+  S, K, Hv = inp.value.shape[1:]
+  blocks = _resolve_block_sizes(block_sizes, max(H, Hv), inp.query.dtype)
   # Tiles no larger than the (power-of-two padded) sequences, then pad the sequences to whole tiles.
   fit = lambda b, n: min(b, max(16, pl.next_power_of_2(n)))
   blocks = dataclasses.replace(
@@ -424,51 +733,60 @@ def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | None = None,
   tq = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
   tk = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
   Tp, Sp = _tiling.cdiv(T, tq) * tq, _tiling.cdiv(S, tk) * tk
-  hp = padded_head_dim(H)
+  hp, hvp = padded_head_dim(H), padded_head_dim(Hv)
   cfg = _Config(scale=_static_float("scale", inp.scale),
                 soft_cap=_static_float("logits_soft_cap", inp.logits_soft_cap), is_causal=inp.is_causal,
                 window=inp.window, T=T, S=S, Tp=Tp, Sp=Sp, groups=N // K, has_q_len=inp.q_lengths is not None,
-                has_kv_len=inp.kv_lengths is not None, has_seg=inp.q_segment_ids is not None, blocks=blocks,
+                has_kv_len=inp.kv_lengths is not None, has_seg=inp.q_segment_ids is not None,
+                mask_dims=_dense_dims(inp.mask), bias_dims=_dense_dims(inp.bias), blocks=blocks,
                 interpret=_resolve_interpret(interpret), debug=debug)
-  pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, hp - H)))
-  q, k, v = pad(inp.query, Tp), pad(inp.key, Sp), pad(inp.value, Sp)
-  full = lambda x, n: jnp.full((B,), n, jnp.int32) if x is None else x
-  seg = lambda x, n, fill: (jnp.zeros((B, n), jnp.int32) if x is None
-                            else jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill))
-  aux = (full(inp.q_lengths, T), full(inp.kv_lengths, S), seg(inp.q_segment_ids, Tp, -1),
-         seg(inp.kv_segment_ids, Sp, -2))
-  out, lse = _flash(cfg, q, k, v, aux)
-  return out[:, :T, :, :H], lse[:, :, :T]
+  pad = lambda x, n, h: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, h - x.shape[3])))
+  q, k, v = pad(inp.query, Tp, hp), pad(inp.key, Sp, hp), pad(inp.value, Sp, hvp)
+  seg = lambda x, n, fill: None if x is None else jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill)
+  aux = (inp.q_lengths, inp.kv_lengths, seg(inp.q_segment_ids, Tp, -1), seg(inp.kv_segment_ids, Sp, -2),
+         _pad_dense(inp.mask, Tp, Sp, False))
+  out, lse = _flash(cfg, q, k, v, _pad_dense(inp.bias, Tp, Sp, 0), aux)
+  return out[:, :T, :, :Hv], lse[:, :, :T]
 
 
-def flash_attention(query, key, value, *, scale=None, is_causal=False, query_seq_lengths=None,
-                    key_value_seq_lengths=None, local_window_size=None, q_segment_ids=None, kv_segment_ids=None,
-                    logits_soft_cap=None, block_sizes: BlockSizes | None = None, interpret=None,
-                    return_residual: bool = False, debug: bool = False):
+def flash_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                    query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None, q_segment_ids=None,
+                    kv_segment_ids=None, logits_soft_cap=None, block_sizes: BlockSizes | int | None = None,
+                    interpret=None, return_residual: bool = False, debug: bool = False):
   """Flash attention (Pallas, Triton lowering); semantics of :func:`attention_jax.dot_product_attention`.
 
-  ``query [B, T, N, H]``, ``key/value [B, S, K, H]``, any T and S, ``N % K == 0``. ``block_sizes`` overrides
-  :meth:`BlockSizes.get_default`; ``interpret=None`` interprets on CPU and compiles on GPU.
+  ``query [*B, T, N, H]``, ``key [*B, S, K, H]``, ``value [*B, S, K, Hv]``, any T and S, ``N % K == 0``; dense
+  ``bias`` / ``mask`` arrays broadcastable to ``[*B, N, T, S]`` (differentiable bias). ``block_sizes`` overrides
+  :meth:`BlockSizes.get_default` (a plain int: that tile size everywhere); ``interpret=None`` interprets on CPU and
+  compiles on GPU. ``return_residual=True`` also returns the logsumexp ``[*B, T, N]`` as ``jax.nn`` does.
+  float64 raises ``core.UnsupportedError`` (use ``blockwise_attention`` or the reference).
   """
-  inp = core.prepare_inputs(query, key, value, scale=scale, is_causal=is_causal,
+  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
                             query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
                             local_window_size=local_window_size, q_segment_ids=q_segment_ids,
                             kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  out, lse = flash_core(inp, block_sizes, interpret, debug)
-  return (out, lax.stop_gradient(lse)) if return_residual else out
+  options = (("block_sizes", check_block_sizes(block_sizes)), ("interpret", _resolve_interpret(interpret)),
+             ("debug", bool(debug)))
+  return core.run_custom(flash_core, inp, options=options, return_residual=return_residual)
 
 
-def flash_attention_reference(query, key, value, *, scale=None, is_causal=False, query_seq_lengths=None,
-                              key_value_seq_lengths=None, local_window_size=None, q_segment_ids=None,
-                              kv_segment_ids=None, logits_soft_cap=None, block_sizes: BlockSizes | None = None,
-                              interpret=None, return_residual: bool = False, debug: bool = False):
+def _reference_core(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
+  out, lse, _ = core.reference_core(inp)
+  return out, lse
+
+
+def flash_attention_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                              query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                              q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
+                              block_sizes: BlockSizes | int | None = None, interpret=None,
+                              return_residual: bool = False, debug: bool = False):
   """The plain algorithm with :func:`flash_attention`'s signature (tiling arguments are ignored)."""
   del block_sizes, interpret, debug
-  return core.reference_attention(query, key, value, scale=scale, is_causal=is_causal,
-                                  query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                                  local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                                  kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap,
-                                  return_residual=return_residual)
+  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
+                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
+  return core.run_custom(_reference_core, inp, return_residual=return_residual, custom_vjp=False)
 
 
 def _dispatch(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:

@@ -1,12 +1,12 @@
 """Flash attention as Pallas kernels for TPU (Mosaic lowering), forward and backward.
 
-Layout: the wrapper zero-pads head dims to a multiple of 128 (the TPU lane width, ``Hp``) and sequences to whole
-blocks, then views ``[B, T, N, Hp]`` as ``[B, T, N*Hp]`` (a free reshape). The tile of query block i and head n is
-then the rectangle ``[i*bq:(i+1)*bq, n*Hp:(n+1)*Hp]``: aligned to the 8 x 128 TPU tiling, with no transpose to a
-head-major layout. Kernels see 2-D tiles only.
+Layout: the wrapper zero-pads the query/key head dim and the value head dim each to a multiple of 128 (the TPU
+lane width; ``Hp``, ``Hvp``) and sequences to whole blocks, then views ``[B, T, N, Hp]`` as ``[B, T, N*Hp]`` (a
+free reshape). The tile of query block i and head n is then the rectangle ``[i*bq:(i+1)*bq, n*Hp:(n+1)*Hp]``:
+aligned to the 8 x 128 TPU tiling, with no transpose to a head-major layout. Kernels see 2-D tiles only.
 
 * forward: grid ``(B, N, query blocks, key blocks)``, the key axis sequential ("arbitrary"), the others
-  parallel. A running max and sum (lane-replicated ``[bq, 128]``) and a float32 ``[bq, Hp]`` accumulator live in
+  parallel. A running max and sum (lane-replicated ``[bq, 128]``) and a float32 ``[bq, Hvp]`` accumulator live in
   VMEM scratch across the key steps (online softmax); the last step normalises and writes the output and the
   logsumexp. Rows with no visible key give zeros and a logsumexp of -inf.
 * dK/dV: grid ``(B, K, key blocks, G, query blocks)``; the G query heads sharing a kv head and the query blocks
@@ -15,16 +15,31 @@ head-major layout. Kernels see 2-D tiles only.
   enter as lane-major rows.
 * dQ: grid ``(B, N, query blocks, key blocks)``, key axis sequential, float32 scratch. Both backward kernels
   recompute P from the logsumexp; ``delta`` is computed by XLA.
+* dense ``mask`` / ``bias`` arrays ``[B|1, N|1, T|1, S|1]`` are read tile by tile beside K. A size-1 (broadcast)
+  batch or head axis is indexed at 0 and never materialised; a broadcast T (S) axis is stored sublane-
+  (lane-) replicated as ``[8, S]`` rows (``[T, 128]`` columns), the tile layout TPU memory uses for such arrays
+  anyway. Masks enter as bfloat16 0/1 (bool tiles are awkward in Mosaic), biases as float32 (bfloat16 biases stay
+  bfloat16); every tile is widened to float32 in VMEM, and the dK/dV kernel transposes it with 32-bit transposes.
+  The bias gradient has the bias's own shape: a fourth kernel, whose grid is the bias's tiles followed by the axes
+  the bias broadcasts over (sequential), recomputes each tile's dS and sums it in a VMEM accumulator, so no
+  ``B x N x T x S`` temporary exists; it is dropped (DCE) when nothing asks for the bias gradient.
 * block skipping: key (query) blocks outside the causal / local-window band, past a per-example key length or
   wholly in query padding are skipped with ``pl.when``, and their index_map is clamped to a block that is needed
-  anyway, so the pipeline issues no DMA for them either. Blocks that every row sees fully run without a mask.
+  anyway, so the pipeline issues no DMA for them either. Blocks that every row sees fully run without a mask
+  (with a dense mask or bias, or segment ids or query lengths, every computed block runs masked).
+* hidden positions never reach a query: in masked tiles the logits are selected (``where``) to -inf, P @ V uses
+  ``where(isfinite(v), v, 0)`` plus a per-row count of visible non-finite values (turning those rows into NaN),
+  and the backward selects P and dS and cleans q / k in the dK / dQ products. Fully visible tiles run unchanged.
 * per-example lengths are scalar-prefetched into SMEM (``PrefetchScalarGridSpec``) and read by the index maps and
   the kernels; segment ids enter lane- or sublane-replicated (``[bq, 128]`` columns, ``[8, bk]`` rows).
 * statistics and accumulation in float32; float32 inputs use full-precision (fp32) matmuls; float16 inputs are
-  computed as float32 (float16 is not a native TPU matmul type).
+  computed as float32 (float16 is not a native TPU matmul type); float64 is refused (``core.UnsupportedError``).
 
 ``flash_attention_tpu_reference`` has the same signature and computes the same function plainly.
-``interpret=None`` runs the kernels in Pallas TPU interpret mode on a CPU backend and compiles them on TPU.
+``interpret=None`` compiles the kernels on TPU and, on a CPU backend, runs them through Pallas's interpreter
+(``interpret=True``, which has no side effects and so composes with ``jax.checkpoint``); pass
+``interpret=pltpu.InterpretParams()`` for the TPU interpret mode, which simulates TPU memory and DMAs (stale VMEM
+buffers, out-of-bounds checks) but carries IO effects that ``jax.checkpoint`` cannot differentiate.
 """
 
 from __future__ import annotations
@@ -35,6 +50,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -42,8 +58,9 @@ from jax.experimental.pallas import tpu as pltpu
 from attention_jax import _tiling, core
 from attention_jax.kernels._common import flash_custom_vjp
 
-LANES = 128      # TPU vector register: 8 sublanes x 128 lanes
+LANES = 128      # TPU vector register: 8 sublanes x 128 lanes (of 32-bit values)
 SUBLANES = 8
+_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
 
 
 def _round_up(n: int, m: int) -> int:
@@ -52,7 +69,10 @@ def _round_up(n: int, m: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-  """Tile lengths of the forward, dK/dV and dQ kernels: powers of two, multiples of the 128-lane tiling."""
+  """Tile lengths of the forward, dK/dV and dQ kernels: powers of two, multiples of the 128-lane tiling.
+
+  The bias-gradient kernel uses the dQ tiles.
+  """
   block_q: int = 512
   block_k: int = 512
   block_q_dkv: int = 512
@@ -63,8 +83,8 @@ class BlockSizes:
   def __post_init__(self):
     for f in dataclasses.fields(self):
       b = getattr(self, f.name)
-      if not isinstance(b, int) or b < LANES or b & (b - 1):
-        raise ValueError(f"BlockSizes.{f.name}={b} must be a power of two >= {LANES} (the TPU lane tiling)")
+      if not isinstance(b, (int, np.integer)) or isinstance(b, bool) or b < LANES or b & (b - 1):
+        raise ValueError(f"BlockSizes.{f.name}={b!r} must be a power of two >= {LANES} (the TPU lane tiling)")
 
   @classmethod
   def get_default(cls, head_dim: int, dtype: Any = jnp.bfloat16) -> "BlockSizes":
@@ -78,8 +98,63 @@ class BlockSizes:
     return cls(*(256,) * 6)
 
 
+def check_block_sizes(block_sizes: "BlockSizes | int | None") -> "BlockSizes | None":
+  """``None`` (per-call default), a ``BlockSizes``, or a plain int meaning that tile length everywhere."""
+  if block_sizes is None or isinstance(block_sizes, BlockSizes):
+    return block_sizes
+  if isinstance(block_sizes, (int, np.integer)) and not isinstance(block_sizes, bool):
+    try:
+      return BlockSizes(*(int(block_sizes),) * len(_FIELDS))
+    except ValueError:
+      raise ValueError(f"block_sizes={block_sizes!r} must be a power of two >= {LANES} (the TPU lane tiling)"
+                       ) from None
+  raise ValueError(f"block_sizes must be a flash_tpu.BlockSizes, a power of two >= {LANES} or None; "
+                   f"got {block_sizes!r}")
+
+
+class _Dense(NamedTuple):
+  """A dense mask or bias ``[B|1, N|1, T|1, S|1]``: which axes vary, and its dtype inside the kernels.
+
+  In HBM it is ``[B|1, N|1, Tp | R, Sp | 128]``: a broadcast T axis is stored as ``R`` equal rows (R = the dtype's
+  sublane tiling) and a broadcast S axis as 128 equal lanes, so every tile is aligned to the TPU tiling.
+  """
+  batch: bool
+  heads: bool
+  rows: bool       # varies along T
+  cols: bool       # varies along S
+  dtype: str
+
+  @classmethod
+  def of(cls, x: jax.Array | None, dtype) -> "_Dense | None":
+    return None if x is None else cls(*(d != 1 for d in x.shape), jnp.dtype(dtype).name)
+
+  @property
+  def sublanes(self) -> int:
+    return SUBLANES * 4 // jnp.dtype(self.dtype).itemsize
+
+  def block(self, bq: int, bk: int) -> tuple:
+    return (None, None, bq if self.rows else self.sublanes, bk if self.cols else LANES)
+
+  def index(self, b, n, i, j) -> tuple:
+    """Block index of tile ``(b, n, i, j)``: 0 on the broadcast axes."""
+    return (b if self.batch else 0, n if self.heads else 0, i if self.rows else 0, j if self.cols else 0)
+
+  def layout(self, x: jax.Array, Tp: int, Sp: int) -> jax.Array:
+    """The natural ``[B|1, N|1, T|1, S|1]`` array in its HBM layout (zero padding)."""
+    x = x.astype(self.dtype)
+    Db, Dn, Tx, Sx = x.shape
+    x = jnp.pad(x, ((0, 0), (0, 0), (0, Tp - Tx), (0, 0))) if self.rows else jnp.broadcast_to(
+        x, (Db, Dn, self.sublanes, Sx))
+    return jnp.pad(x, ((0, 0), (0, 0), (0, 0), (0, Sp - Sx))) if self.cols else jnp.broadcast_to(
+        x, x.shape[:3] + (LANES,))
+
+  def natural(self, x: jax.Array, T: int, S: int) -> jax.Array:
+    """Inverse of :meth:`layout` (for the bias gradient)."""
+    return x[:, :, :T if self.rows else 1, :S if self.cols else 1]
+
+
 class _Config(NamedTuple):
-  """Static configuration shared by the three kernels (hashable)."""
+  """Static configuration shared by the kernels (hashable)."""
   scale: float
   soft_cap: float | None
   is_causal: bool
@@ -88,13 +163,16 @@ class _Config(NamedTuple):
   S: int
   Tp: int
   Sp: int
-  hp: int                # head dim padded to a multiple of 128
+  hp: int                # query/key head dim padded to a multiple of 128
+  hvp: int               # value head dim padded to a multiple of 128
   groups: int            # G = N // K
   has_q_len: bool
   has_kv_len: bool
   has_seg: bool
+  mask: _Dense | None
+  bias: _Dense | None
   blocks: BlockSizes
-  interpret: Any         # False, or pltpu.InterpretParams
+  interpret: Any         # False, True, or pltpu.InterpretParams
   debug: bool
 
 
@@ -104,16 +182,20 @@ class _Config(NamedTuple):
 
 
 def _needs_mask(cfg: _Config) -> bool:
-  return (cfg.is_causal or cfg.window is not None or cfg.has_q_len or cfg.has_kv_len or cfg.has_seg
-          or cfg.Sp != cfg.S)
+  return (cfg.is_causal or cfg.window is not None or cfg.Sp != cfg.S or cfg.has_kv_len or _always_masked(cfg))
+
+
+def _always_masked(cfg: _Config) -> bool:
+  """Options that can hide pairs inside any block: no block is known to be fully visible."""
+  return cfg.has_seg or cfg.has_q_len or cfg.mask is not None or cfg.bias is not None
 
 
 def _blocks(cfg: _Config, range_fn, unmasked_fn, start, own: int, other: int, limits: dict, kv_len):
   """The blocks ``[lo, hi)`` along the other axis that a block ``[start, start + own)`` meets, and the fully
-  visible sub-range ``[u_lo, u_hi)`` (empty with segment ids or query lengths, which can mask inside any block)."""
+  visible sub-range ``[u_lo, u_hi)``."""
   band = dict(is_causal=cfg.is_causal, window=cfg.window)
   lo, hi = range_fn(start, own, other, **limits, **band)
-  if cfg.has_seg or cfg.has_q_len:
+  if _always_masked(cfg):
     return lo, hi, lo, lo
   return (lo, hi, *unmasked_fn(start, own, other, lo, hi, kv_len=kv_len, **band))
 
@@ -145,7 +227,7 @@ def _run_blocks(cfg: _Config, idx, lo, hi, u_lo, u_hi, step) -> None:
   if not _needs_mask(cfg):
     pl.when(run)(lambda: step(False))
     return
-  if cfg.has_seg or cfg.has_q_len:
+  if _always_masked(cfg):
     pl.when(run)(lambda: step(True))
     return
   full = (idx >= u_lo) & (idx < u_hi)
@@ -156,6 +238,22 @@ def _run_blocks(cfg: _Config, idx, lo, hi, u_lo, u_hi, step) -> None:
 # ----------------------------------------------------------------------------------------------------------
 # Tile pieces shared by the kernels
 # ----------------------------------------------------------------------------------------------------------
+
+
+class _Extra(NamedTuple):
+  """The optional input refs of a kernel, in their fixed order after the required ones."""
+  seg: tuple | None      # (ids of the tile's row axis as [rows, 128] columns, of its column axis as [8, cols] rows)
+  mask: Any
+  bias: Any
+
+
+def _split_refs(cfg: _Config, refs) -> tuple[_Extra, list]:
+  """``refs`` after the required inputs -> (optional input refs, [outputs and scratch])."""
+  it = iter(refs)
+  seg = (next(it), next(it)) if cfg.has_seg else None
+  mask = next(it) if cfg.mask is not None else None
+  bias = next(it) if cfg.bias is not None else None
+  return _Extra(seg, mask, bias), list(it)
 
 
 def _dot(a, b, trans_b: bool = False):
@@ -184,8 +282,25 @@ def _column(rows_8xR):
   return jnp.broadcast_to(rows_8xR[:1, :], (LANES, rows_8xR.shape[1])).T
 
 
-def _tile_mask(cfg: _Config, q_pos, k_pos, q_len, kv_len, q_ids, kv_ids):
-  """Visibility of a tile from absolute positions (same-shape int32 arrays) and segment ids."""
+def _finite(x):
+  """Bool: finite entries of ``x`` (tested in float32, which every TPU generation has vector support for)."""
+  return jnp.isfinite(x.astype(jnp.float32))
+
+
+def _clean(x):
+  """Non-finite entries replaced by 0 (a select: hidden garbage never meets a multiply)."""
+  return jnp.where(_finite(x), x, jnp.zeros_like(x))
+
+
+def _structure_mask(cfg: _Config, shape, seg, q0, k0, q_len, kv_len, q_axis: int):
+  """Visibility of a tile from absolute positions and segment ids (None if nothing masks it)."""
+  q_ids = kv_ids = None
+  if cfg.has_seg:
+    col_ids = jnp.tile(seg[0][...], (1, shape[1] // LANES))     # [rows, cols]
+    row_ids = seg[1][:1, :]                                      # [1, cols]
+    q_ids, kv_ids = (col_ids, row_ids) if q_axis == 0 else (row_ids, col_ids)
+  q_pos = q0 + lax.broadcasted_iota(jnp.int32, shape, q_axis)
+  k_pos = k0 + lax.broadcasted_iota(jnp.int32, shape, 1 - q_axis)
   kv_limit = kv_len if (cfg.has_kv_len or cfg.Sp != cfg.S) else None
   mask = _tiling.position_mask(q_pos, k_pos, is_causal=cfg.is_causal, window=cfg.window, kv_limit=kv_limit,
                                q_limit=q_len if cfg.has_q_len else None)
@@ -195,20 +310,46 @@ def _tile_mask(cfg: _Config, q_pos, k_pos, q_len, kv_len, q_ids, kv_ids):
   return mask
 
 
-def _mask_tile(cfg: _Config, s, seg_refs, q0, k0, q_len, kv_len, q_axis: int):
-  """``s`` with -inf where not visible; the tile's query axis is ``q_axis`` (0, or 1 for a transposed tile).
+def _dense_tile(ref, d: _Dense, shape, q_axis: int):
+  """The float32 tile of a dense mask/bias for a logits tile of ``shape`` whose query axis is ``q_axis``.
 
-  ``seg_refs`` (with segment ids): the ids of the tile's row axis as a lane-replicated ``[rows, 128]`` column
-  and those of its column axis as sublane-replicated ``[8, cols]`` rows.
+  The block read is always query-major (``[bq|R, bk|128]``); the transposed dK/dV tile transposes it (32-bit).
   """
-  q_ids = kv_ids = None
-  if cfg.has_seg:
-    col_ids = jnp.tile(seg_refs[0][...], (1, s.shape[1] // LANES))   # [rows, cols]
-    row_ids = seg_refs[1][:1, :]                                      # [1, cols]
-    q_ids, kv_ids = (col_ids, row_ids) if q_axis == 0 else (row_ids, col_ids)
-  q_pos = q0 + lax.broadcasted_iota(jnp.int32, s.shape, q_axis)
-  k_pos = k0 + lax.broadcasted_iota(jnp.int32, s.shape, 1 - q_axis)
-  return jnp.where(_tile_mask(cfg, q_pos, k_pos, q_len, kv_len, q_ids, kv_ids), s, -jnp.inf)
+  x = ref[...].astype(jnp.float32)
+  rows, cols = shape
+  if q_axis == 0:                                             # [bq, bk]
+    if d.rows and d.cols:
+      return x
+    if d.rows:
+      return _lanes(x, cols)                                  # [bq, 128] lane-replicated
+    if d.cols:
+      return jnp.broadcast_to(x[:1, :], shape)                # [R, bk] sublane-replicated
+    return jnp.broadcast_to(_lanes(x[:1, :], cols), shape)    # [R, 128]: one value
+  if d.rows and d.cols:                                       # [bk, bq]
+    return x.T
+  if d.rows:
+    return jnp.broadcast_to(x.T[:1, :], shape)
+  if d.cols:
+    return _lanes(_column(x), cols)
+  return jnp.broadcast_to(_lanes(x[:1, :], cols), shape)
+
+
+def _masked_scores(cfg: _Config, s, tanh, extra: _Extra, q0, k0, q_len, kv_len, q_axis: int):
+  """Bias added, hidden pairs selected to -inf: ``(s, visible, tanh)`` with ``tanh`` 0 on hidden pairs."""
+  vis = _structure_mask(cfg, s.shape, extra.seg, q0, k0, q_len, kv_len, q_axis)
+  if cfg.mask is not None:
+    shown = _dense_tile(extra.mask, cfg.mask, s.shape, q_axis) > 0.5
+    vis = shown if vis is None else vis & shown
+  if cfg.bias is not None:
+    bias = _dense_tile(extra.bias, cfg.bias, s.shape, q_axis)
+    s = s + bias
+    shown = jnp.logical_not(bias == -jnp.inf)    # not `!=`: Mosaic's float != is ordered (NaN != x is False)
+    vis = shown if vis is None else vis & shown
+  assert vis is not None, "a masked tile without a mask"
+  s = jnp.where(vis, s, -jnp.inf)
+  if tanh is not None:
+    tanh = jnp.where(vis, tanh, 0.0)
+  return s, vis, tanh
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -217,8 +358,8 @@ def _mask_tile(cfg: _Config, s, seg_refs, q0, k0, q_len, kv_len, q_axis: int):
 
 
 def _fwd_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
-  seg_refs, (o_ref, lse_ref, m_ref, l_ref, acc_ref) = refs[:-5], refs[-5:]
-  bq, bk, hp = cfg.blocks.block_q, cfg.blocks.block_k, cfg.hp
+  extra, (o_ref, lse_ref, m_ref, l_ref, acc_ref, bad_ref) = _split_refs(cfg, refs)
+  bq, bk, hvp = cfg.blocks.block_q, cfg.blocks.block_k, cfg.hvp
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   q_len, kv_len = q_len_ref[b], kv_len_ref[b]
 
@@ -227,11 +368,19 @@ def _fwd_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config)
     m_ref[...] = jnp.full(m_ref.shape, -jnp.inf, jnp.float32)
     l_ref[...] = jnp.zeros(l_ref.shape, jnp.float32)
     acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    bad_ref[...] = jnp.zeros(bad_ref.shape, jnp.float32)
 
   def step(masked: bool):
     s, _ = _logits(cfg, q_ref[...], k_ref[...])                  # [bq, bk]
+    v = v_ref[...]
     if masked:
-      s = _mask_tile(cfg, s, seg_refs, i * bq, j * bk, q_len, kv_len, q_axis=0)
+      s, vis, _ = _masked_scores(cfg, s, None, extra, i * bq, j * bk, q_len, kv_len, q_axis=0)
+      # P @ V multiplies only finite values; rows that see a non-finite value are counted and become NaN.
+      v_bad = jnp.logical_not(_finite(v))                                          # [bk, Hvp]
+      v = jnp.where(v_bad, jnp.zeros_like(v), v)
+      bad_keys = jnp.max(jnp.where(v_bad, 1.0, 0.0), axis=1, keepdims=True)        # [bk, 1]
+      bad_ref[...] += _dot(jnp.where(vis, 1.0, 0.0).astype(jnp.bfloat16),          # exact 0/1 counts
+                           jnp.broadcast_to(bad_keys, (bk, LANES)).astype(jnp.bfloat16))
     m_prev = m_ref[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))   # [bq, 128]
     m_safe = jnp.where(m_next == -jnp.inf, 0.0, m_next)               # rows that have seen no key yet
@@ -239,18 +388,19 @@ def _fwd_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config)
     alpha = jnp.exp(m_prev - m_safe)
     l_ref[...] = alpha * l_ref[...] + jnp.sum(p, axis=1, keepdims=True)
     m_ref[...] = m_next
-    v = v_ref[...]
-    acc_ref[...] = acc_ref[...] * _lanes(alpha, hp) + _dot(p.astype(v.dtype), v)
+    acc_ref[...] = acc_ref[...] * _lanes(alpha, hvp) + _dot(p.astype(v.dtype), v)
 
   _run_blocks(cfg, j, *_kv_blocks(cfg, i, bq, bk, q_len, kv_len), step)
 
   @pl.when(j == cfg.Sp // bk - 1)
   def _finish():
     l = l_ref[...]
-    seen = l > 0.0
-    l_safe = jnp.where(seen, l, 1.0)
-    o_ref[...] = (acc_ref[...] * _lanes(1.0 / l_safe, hp)).astype(o_ref.dtype)
-    lse = jnp.where(seen, m_ref[...] + jnp.log(l_safe), -jnp.inf)     # [bq, 128], equal lanes
+    empty = l == 0.0                       # no visible key (a NaN sum is not empty: it propagates)
+    l_safe = jnp.where(empty, 1.0, l)
+    out = acc_ref[...] * _lanes(1.0 / l_safe, hvp)
+    out = jnp.where(_lanes(bad_ref[...], hvp) > 0.0, jnp.nan, out)
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse = jnp.where(empty, -jnp.inf, m_ref[...] + jnp.log(l_safe))    # [bq, 128], equal lanes
     lse_ref[...] = lse.T[:SUBLANES, :]                                 # [8, bq], equal sublanes
 
 
@@ -267,11 +417,11 @@ def _seg_rows(ids_BL):
   return jnp.broadcast_to(ids_BL[:, None, :], (ids_BL.shape[0], SUBLANES, ids_BL.shape[1]))
 
 
-def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, name, *args):
+def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape, scratch, semantics, name, *args, **kw):
   # Interpret mode gets no dimension semantics: they only matter there when simulating several cores, and jax's
   # TPU interpreter does not extend them to the grid axes that jax.vmap prepends (Mosaic lowering does).
   return pl.pallas_call(
-      functools.partial(kernel, cfg=cfg),
+      functools.partial(kernel, cfg=cfg, **kw),
       grid_spec=pltpu.PrefetchScalarGridSpec(num_scalar_prefetch=2, grid=grid, in_specs=in_specs,
                                              out_specs=out_specs, scratch_shapes=scratch),
       out_shape=out_shape,
@@ -280,9 +430,44 @@ def _call(cfg: _Config, kernel, grid, in_specs, out_specs, out_shape, scratch, s
   )(*args)
 
 
+class _Operands(NamedTuple):
+  """The optional kernel inputs in their HBM layouts (None when absent)."""
+  q_seg: jax.Array | None     # [B, Tp] padded ids
+  kv_seg: jax.Array | None    # [B, Sp]
+  mask: jax.Array | None      # _Dense layout
+  bias: jax.Array | None
+
+
+def _on_tile(tile, fn):
+  """An index map: ``fn(b, n, i, j)`` of the tile ``tile(*grid_ids, *prefetch_refs)`` that a grid step reads."""
+  return lambda *a: fn(*tile(*a))
+
+
+def _extra_inputs(cfg: _Config, ops: _Operands, tile, bq: int, bk: int, transposed: bool = False):
+  """BlockSpecs and arrays of the optional inputs for a grid whose step reads tile ``tile(*ids, *lens) -> (b, n,
+  i, j)`` (query block i, key block j). ``transposed``: the kernel's tile is ``[bk, bq]`` (ids swap layouts)."""
+  specs, args = [], []
+  if cfg.has_seg:
+    q_col = pl.BlockSpec((None, bq, LANES), _on_tile(tile, lambda b, n, i, j: (b, i, 0)))
+    kv_row = pl.BlockSpec((None, SUBLANES, bk), _on_tile(tile, lambda b, n, i, j: (b, 0, j)))
+    kv_col = pl.BlockSpec((None, bk, LANES), _on_tile(tile, lambda b, n, i, j: (b, j, 0)))
+    q_row = pl.BlockSpec((None, SUBLANES, bq), _on_tile(tile, lambda b, n, i, j: (b, 0, i)))
+    if transposed:
+      specs += [kv_col, q_row]
+      args += [_seg_column(ops.kv_seg), _seg_rows(ops.q_seg)]
+    else:
+      specs += [q_col, kv_row]
+      args += [_seg_column(ops.q_seg), _seg_rows(ops.kv_seg)]
+  for d, x in ((cfg.mask, ops.mask), (cfg.bias, ops.bias)):
+    if d is not None:
+      specs.append(pl.BlockSpec(d.block(bq, bk), _on_tile(tile, d.index)))
+      args.append(x)
+  return specs, args
+
+
 def _specs_q_major(cfg: _Config, bq: int, bk: int):
   """BlockSpecs of a grid ``(b, n, query block i, key block j)`` (forward and dQ); key blocks clamped."""
-  G, hp, nk = cfg.groups, cfg.hp, cfg.Sp // bk
+  G, hp, hvp, nk = cfg.groups, cfg.hp, cfg.hvp, cfg.Sp // bk
 
   def kv_block(b, i, j, q_len_ref, kv_len_ref):
     lo, hi, _, _ = _kv_blocks(cfg, i, bq, bk, q_len_ref[b], kv_len_ref[b])
@@ -290,28 +475,33 @@ def _specs_q_major(cfg: _Config, bq: int, bk: int):
 
   return dict(
       q=pl.BlockSpec((None, bq, hp), lambda b, n, i, j, *_: (b, i, n)),
-      kv=pl.BlockSpec((None, bk, hp), lambda b, n, i, j, *lens: (b, kv_block(b, i, j, *lens), lax.div(n, G))),
+      o=pl.BlockSpec((None, bq, hvp), lambda b, n, i, j, *_: (b, i, n)),
+      k=pl.BlockSpec((None, bk, hp), lambda b, n, i, j, *lens: (b, kv_block(b, i, j, *lens), lax.div(n, G))),
+      v=pl.BlockSpec((None, bk, hvp), lambda b, n, i, j, *lens: (b, kv_block(b, i, j, *lens), lax.div(n, G))),
       rows=pl.BlockSpec((None, None, SUBLANES, bq), lambda b, n, i, j, *_: (b, n, 0, i)),
-      q_seg=pl.BlockSpec((None, bq, LANES), lambda b, n, i, j, *_: (b, i, 0)),
-      kv_seg=pl.BlockSpec((None, SUBLANES, bk), lambda b, n, i, j, *lens: (b, 0, kv_block(b, i, j, *lens))),
+      tile=lambda b, n, i, j, *lens: (b, n, i, kv_block(b, i, j, *lens)),
   )
 
 
-def _forward(cfg: _Config, q, k, v, q_len, kv_len, seg):
+def _operands(cfg: _Config, q_seg, kv_seg, mask, bias) -> _Operands:
+  layout = lambda d, x: None if d is None else d.layout(x, cfg.Tp, cfg.Sp)
+  return _Operands(q_seg, kv_seg, layout(cfg.mask, mask), layout(cfg.bias, bias))
+
+
+def _forward(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask):
   B, Tp, _ = q.shape
   N = q.shape[2] // cfg.hp
   bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
   sp = _specs_q_major(cfg, bq, bk)
-  in_specs, args = [sp["q"], sp["kv"], sp["kv"]], [q, k, v]
-  if cfg.has_seg:
-    in_specs += [sp["q_seg"], sp["kv_seg"]]
-    args += [_seg_column(seg[0]), _seg_rows(seg[1])]
+  extra_specs, extra_args = _extra_inputs(cfg, _operands(cfg, q_seg, kv_seg, mask, bias), sp["tile"], bq, bk)
   out, lse = _call(
-      cfg, _fwd_kernel, (B, N, Tp // bq, cfg.Sp // bk), in_specs, [sp["q"], sp["rows"]],
-      [jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, N, SUBLANES, Tp), jnp.float32)],
+      cfg, _fwd_kernel, (B, N, Tp // bq, cfg.Sp // bk), [sp["q"], sp["k"], sp["v"], *extra_specs],
+      [sp["o"], sp["rows"]],
+      [jax.ShapeDtypeStruct((B, Tp, N * cfg.hvp), q.dtype), jax.ShapeDtypeStruct((B, N, SUBLANES, Tp), jnp.float32)],
       [pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
-       pltpu.VMEM((bq, cfg.hp), jnp.float32)],
-      ("parallel", "parallel", "parallel", "arbitrary"), "attention_jax_flash_tpu_fwd", q_len, kv_len, *args)
+       pltpu.VMEM((bq, cfg.hvp), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32)],
+      ("parallel", "parallel", "parallel", "arbitrary"), "attention_jax_flash_tpu_fwd", q_len, kv_len, q, k, v,
+      *extra_args)
   return out, lse[:, :, 0, :]
 
 
@@ -321,7 +511,7 @@ def _forward(cfg: _Config, q, k, v, q_len, kv_len, seg):
 
 
 def _dkdv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
-  seg_refs, (dk_ref, dv_ref, dk_acc, dv_acc) = refs[:-4], refs[-4:]
+  extra, (dk_ref, dv_ref, dk_acc, dv_acc) = _split_refs(cfg, refs)
   bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
   b, j, g, i = pl.program_id(0), pl.program_id(2), pl.program_id(3), pl.program_id(4)
   q_len, kv_len = q_len_ref[b], kv_len_ref[b]
@@ -334,11 +524,18 @@ def _dkdv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
   def step(masked: bool):
     q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
     s_t, tanh = _logits(cfg, k, q)                                 # [bk, bq]: S transposed
+    dp_t = _dot(v, do, trans_b=True)
+    lse, delta = lse_ref[:1, :], delta_ref[:1, :]                  # [1, bq]
     if masked:
-      s_t = _mask_tile(cfg, s_t, seg_refs, i * bq, j * bk, q_len, kv_len, q_axis=1)
-    p_t = jnp.exp(s_t - lse_ref[:1, :])          # lse is +inf on rows with no key: P = 0 there
+      s_t, vis, tanh = _masked_scores(cfg, s_t, tanh, extra, i * bq, j * bk, q_len, kv_len, q_axis=1)
+      # Selects: a NaN logsumexp/delta (a row that sees a NaN) or a hidden NaN v never reaches a hidden pair.
+      p_t = jnp.where(vis, jnp.exp(s_t - lse), 0.0)
+      ds_t = jnp.where(vis, p_t * (dp_t - delta), 0.0)
+      q = _clean(q)                      # a hidden query row may hold garbage: 0 * NaN must not happen
+    else:
+      p_t = jnp.exp(s_t - lse)
+      ds_t = p_t * (dp_t - delta)
     dv_acc[...] += _dot(p_t.astype(do.dtype), do)
-    ds_t = p_t * (_dot(v, do, trans_b=True) - delta_ref[:1, :])
     if tanh is not None:
       ds_t = ds_t * (1.0 - tanh * tanh)
     dk_acc[...] += _dot((ds_t * cfg.scale).astype(q.dtype), q)
@@ -352,7 +549,7 @@ def _dkdv_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, de
 
 
 def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config):
-  seg_refs, (dq_ref, dq_acc, lse_col, delta_col) = refs[:-4], refs[-4:]
+  extra, (dq_ref, dq_acc, lse_col, delta_col) = _split_refs(cfg, refs)
   bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
   b, i, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
   q_len, kv_len = q_len_ref[b], kv_len_ref[b]
@@ -366,10 +563,15 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
   def step(masked: bool):
     q, do, k, v = q_ref[...], do_ref[...], k_ref[...], v_ref[...]
     s, tanh = _logits(cfg, q, k)                                   # [bq, bk]
+    dp = _dot(do, v, trans_b=True)
+    lse, delta = _lanes(lse_col[...], bk), _lanes(delta_col[...], bk)
     if masked:
-      s = _mask_tile(cfg, s, seg_refs, i * bq, j * bk, q_len, kv_len, q_axis=0)
-    p = jnp.exp(s - _lanes(lse_col[...], bk))
-    ds = p * (_dot(do, v, trans_b=True) - _lanes(delta_col[...], bk))
+      s, vis, tanh = _masked_scores(cfg, s, tanh, extra, i * bq, j * bk, q_len, kv_len, q_axis=0)
+      p = jnp.where(vis, jnp.exp(s - lse), 0.0)
+      ds = jnp.where(vis, p * (dp - delta), 0.0)
+      k = _clean(k)
+    else:
+      ds = jnp.exp(s - lse) * (dp - delta)
     if tanh is not None:
       ds = ds * (1.0 - tanh * tanh)
     dq_acc[...] += _dot((ds * cfg.scale).astype(k.dtype), k)
@@ -381,14 +583,104 @@ def _dq_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delt
     dq_ref[...] = dq_acc[...].astype(dq_ref.dtype)
 
 
-def _backward(cfg: _Config, q, k, v, q_len, kv_len, seg, out, lse, d_out, d_lse):
+def _dbias_axes(cfg: _Config, B: int, N: int, nq: int, nk: int) -> tuple[tuple[str, bool, int], ...]:
+  """Grid of the bias-gradient kernel: ``(name, is_reduction, extent)``. The bias's own tiles first (parallel),
+  then the axes it broadcasts over (sequential, summed in VMEM); axes of extent 1 are left out."""
+  d = cfg.bias
+  extents = dict(b=B, n=N, i=nq, j=nk)
+  varies = dict(b=d.batch, n=d.heads, i=d.rows, j=d.cols)
+  axes = [(a, False, extents[a]) for a in "bnij" if varies[a] and extents[a] > 1]
+  reductions = [(a, True, extents[a]) for a in "bnij" if not varies[a] and extents[a] > 1]
+  return tuple(axes + (reductions or [("r", True, 1)]))   # "r": a dummy sequential axis
+
+
+def _dbias_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, cfg: _Config,
+                  axes):
+  extra, (db_ref, acc_ref) = _split_refs(cfg, refs)
+  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+  ids = [pl.program_id(a) for a in range(len(axes))]
+  pos = {name: idx for (name, _, _), idx in zip(axes, ids)}
+  b, i, j = pos.get("b", 0), pos.get("i", 0), pos.get("j", 0)
+  q_len, kv_len = q_len_ref[b], kv_len_ref[b]
+  reductions = [(idx, extent) for (_, red, extent), idx in zip(axes, ids) if red]
+  first = functools.reduce(jnp.logical_and, [idx == 0 for idx, _ in reductions])
+  last = functools.reduce(jnp.logical_and, [idx == extent - 1 for idx, extent in reductions])
+
+  @pl.when(first)
+  def _init():
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  lo, hi, _, _ = _kv_blocks(cfg, i, bq, bk, q_len, kv_len)
+
+  @pl.when((j >= lo) & (j < hi))
+  def _step():
+    s, _ = _logits(cfg, q_ref[...], k_ref[...])                   # [bq, bk]
+    s, vis, _ = _masked_scores(cfg, s, None, extra, i * bq, j * bk, q_len, kv_len, q_axis=0)
+    p = jnp.where(vis, jnp.exp(s - _lanes(_column(lse_ref[...]), bk)), 0.0)
+    dp = _dot(do_ref[...], v_ref[...], trans_b=True)
+    ds = jnp.where(vis, p * (dp - _lanes(_column(delta_ref[...]), bk)), 0.0)   # d logits, before the soft-cap
+    d = cfg.bias
+    if not d.cols:
+      ds = jnp.sum(ds, axis=1, keepdims=True)                                   # [bq, 1]
+    if not d.rows:
+      ds = jnp.sum(ds, axis=0, keepdims=True)                                   # [1, bk | 1]
+    acc_ref[...] += jnp.broadcast_to(ds, acc_ref.shape)
+
+  @pl.when(last)
+  def _finish():
+    db_ref[...] = acc_ref[...]
+
+
+def _dbias(cfg: _Config, q, k, v, d_out, lse, delta, q_len, kv_len, ops: _Operands, B: int, N: int):
+  """The bias gradient in the bias's own (broadcast) shape, float32."""
+  G, hp, hvp = cfg.groups, cfg.hp, cfg.hvp
+  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+  nq, nk = cfg.Tp // bq, cfg.Sp // bk
+  axes = _dbias_axes(cfg, B, N, nq, nk)
+  out_d = cfg.bias._replace(dtype="float32")
+
+  def step(*args):
+    """(b, n, i, j) of a grid step."""
+    pos = {name: idx for (name, _, _), idx in zip(axes, args[:len(axes)])}
+    return tuple(pos.get(a, 0) for a in "bnij")
+
+  def tile(*args):
+    """:func:`step` with the key block clamped to the blocks query block i sees (no DMA for skipped steps)."""
+    b, n, i, j = step(*args)
+    q_len_ref, kv_len_ref = args[len(axes):]
+    lo, hi, _, _ = _kv_blocks(cfg, i, bq, bk, q_len_ref[b], kv_len_ref[b])
+    return b, n, i, _clamp(j, lo, hi, nk)
+
+  rows = pl.BlockSpec((None, None, SUBLANES, bq), _on_tile(tile, lambda b, n, i, j: (b, n, 0, i)))
+  in_specs = [
+      pl.BlockSpec((None, bq, hp), _on_tile(tile, lambda b, n, i, j: (b, i, n))),
+      pl.BlockSpec((None, bk, hp), _on_tile(tile, lambda b, n, i, j: (b, j, lax.div(n, G)))),
+      pl.BlockSpec((None, bk, hvp), _on_tile(tile, lambda b, n, i, j: (b, j, lax.div(n, G)))),
+      pl.BlockSpec((None, bq, hvp), _on_tile(tile, lambda b, n, i, j: (b, i, n))),
+      rows, rows,
+  ]
+  extra_specs, extra_args = _extra_inputs(cfg, ops, tile, bq, bk)
+  out_spec = pl.BlockSpec(out_d.block(bq, bk), _on_tile(step, out_d.index))
+  out_shape = (B if out_d.batch else 1, N if out_d.heads else 1, cfg.Tp if out_d.rows else out_d.sublanes,
+               cfg.Sp if out_d.cols else LANES)
+  scratch_shape = tuple(s for s in out_d.block(bq, bk) if s is not None)
+  dbias = _call(
+      cfg, _dbias_kernel, tuple(extent for _, _, extent in axes), in_specs + extra_specs, out_spec,
+      jax.ShapeDtypeStruct(out_shape, jnp.float32), [pltpu.VMEM(scratch_shape, jnp.float32)],
+      tuple("arbitrary" if red else "parallel" for _, red, _ in axes), "attention_jax_flash_tpu_dbias",
+      q_len, kv_len, q, k, v, d_out, lse, delta, *extra_args, axes=axes)
+  return out_d.natural(dbias, cfg.T, cfg.S)
+
+
+def _backward(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask, out, lse, d_out, d_lse):
   B, Tp, _ = q.shape
-  hp, G = cfg.hp, cfg.groups
+  hp, hvp, G = cfg.hp, cfg.hvp, cfg.groups
   N, K = q.shape[2] // hp, k.shape[2] // hp
-  heads = lambda x: x.reshape(B, Tp, N, hp).astype(jnp.float32)
+  heads = lambda x: x.reshape(B, Tp, N, hvp).astype(jnp.float32)
   delta = jnp.einsum("btnh,btnh->bnt", heads(d_out), heads(out))
   delta = _rows(delta - d_lse.astype(jnp.float32), B, N)         # a logsumexp cotangent enters as -d_lse
-  lse = _rows(jnp.where(jnp.isfinite(lse), lse, jnp.inf), B, N)  # rows with no key: P = 0
+  lse = _rows(lse, B, N)          # finite: rows with no key hold 0 (their logits are all -inf, so P = 0)
+  ops = _operands(cfg, q_seg, kv_seg, mask, bias)
   blk = cfg.blocks
 
   # dK, dV: one (b, kv head h, key block j) accumulates over the G query heads g and the query blocks i.
@@ -400,39 +692,43 @@ def _backward(cfg: _Config, q, k, v, q_len, kv_len, seg, out, lse, d_out, d_lse)
     return _clamp(i, lo, hi, nq)
 
   q_spec = pl.BlockSpec((None, bq, hp), lambda b, h, j, g, i, *lens: (b, q_block(b, j, i, *lens), h * G + g))
-  kv_spec = pl.BlockSpec((None, bk, hp), lambda b, h, j, g, i, *_: (b, j, h))
+  do_spec = pl.BlockSpec((None, bq, hvp), lambda b, h, j, g, i, *lens: (b, q_block(b, j, i, *lens), h * G + g))
+  k_spec = pl.BlockSpec((None, bk, hp), lambda b, h, j, g, i, *_: (b, j, h))
+  v_spec = pl.BlockSpec((None, bk, hvp), lambda b, h, j, g, i, *_: (b, j, h))
   rows_spec = pl.BlockSpec((None, None, SUBLANES, bq),
                            lambda b, h, j, g, i, *lens: (b, h * G + g, 0, q_block(b, j, i, *lens)))
-  in_specs, args = [q_spec, kv_spec, kv_spec, q_spec, rows_spec, rows_spec], [q, k, v, d_out, lse, delta]
-  if cfg.has_seg:
-    in_specs += [pl.BlockSpec((None, bk, LANES), lambda b, h, j, g, i, *_: (b, j, 0)),
-                 pl.BlockSpec((None, SUBLANES, bq), lambda b, h, j, g, i, *lens: (b, 0, q_block(b, j, i, *lens)))]
-    args += [_seg_column(seg[1]), _seg_rows(seg[0])]
+  tile = lambda b, h, j, g, i, *lens: (b, h * G + g, q_block(b, j, i, *lens), j)
+  extra_specs, extra_args = _extra_inputs(cfg, ops, tile, bq, bk, transposed=True)
   dk, dv = _call(
-      cfg, _dkdv_kernel, (B, K, cfg.Sp // bk, G, nq), in_specs, [kv_spec, kv_spec],
+      cfg, _dkdv_kernel, (B, K, cfg.Sp // bk, G, nq),
+      [q_spec, k_spec, v_spec, do_spec, rows_spec, rows_spec, *extra_specs], [k_spec, v_spec],
       [jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      [pltpu.VMEM((bk, hp), jnp.float32), pltpu.VMEM((bk, hp), jnp.float32)],
+      [pltpu.VMEM((bk, hp), jnp.float32), pltpu.VMEM((bk, hvp), jnp.float32)],
       ("parallel", "parallel", "parallel", "arbitrary", "arbitrary"), "attention_jax_flash_tpu_dkdv",
-      q_len, kv_len, *args)
+      q_len, kv_len, q, k, v, d_out, lse, delta, *extra_args)
 
   # dQ: one (b, query head n, query block i) accumulates over the key blocks j.
   bq, bk = blk.block_q_dq, blk.block_k_dq
   sp = _specs_q_major(cfg, bq, bk)
-  in_specs = [sp["q"], sp["kv"], sp["kv"], sp["q"], sp["rows"], sp["rows"]]
-  args = [q, k, v, d_out, lse, delta]
-  if cfg.has_seg:
-    in_specs += [sp["q_seg"], sp["kv_seg"]]
-    args += [_seg_column(seg[0]), _seg_rows(seg[1])]
+  extra_specs, extra_args = _extra_inputs(cfg, ops, sp["tile"], bq, bk)
   dq = _call(
-      cfg, _dq_kernel, (B, N, Tp // bq, cfg.Sp // bk), in_specs, sp["q"], jax.ShapeDtypeStruct(q.shape, q.dtype),
+      cfg, _dq_kernel, (B, N, Tp // bq, cfg.Sp // bk),
+      [sp["q"], sp["k"], sp["v"], sp["o"], sp["rows"], sp["rows"], *extra_specs], sp["q"],
+      jax.ShapeDtypeStruct(q.shape, q.dtype),
       [pltpu.VMEM((bq, hp), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
        pltpu.VMEM((bq, LANES), jnp.float32)],
-      ("parallel", "parallel", "parallel", "arbitrary"), "attention_jax_flash_tpu_dq", q_len, kv_len, *args)
-  return dq, dk, dv
+      ("parallel", "parallel", "parallel", "arbitrary"), "attention_jax_flash_tpu_dq", q_len, kv_len, q, k, v,
+      d_out, lse, delta, *extra_args)
+
+  dbias = None
+  if bias is not None:
+    dbias = _dbias(cfg, q, k, v, d_out, lse, delta, q_len, kv_len, ops, B, N).astype(bias.dtype)
+  return dq, dk, dv, dbias
 
 
-# (out, lse) with a recomputing backward: saves q, k, v, aux, out and lse only.
-_flash = flash_custom_vjp(_forward, _backward)
+# (out, lse) with a recomputing backward: saves q, k, v, the bias, aux, out and a finite lse only. Forward and
+# backward raise a clear NotImplementedError if differentiated again.
+_flash = flash_custom_vjp(_forward, _backward, with_bias=True, finite_residuals=True)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -441,93 +737,131 @@ _flash = flash_custom_vjp(_forward, _backward)
 
 
 def _resolve_interpret(interpret):
-  """None: TPU interpret mode on CPU, compiled on TPU. True: interpret mode. Or a ``pltpu.InterpretParams``."""
+  """None: compiled on TPU, Pallas's interpreter (``True``) on CPU. A ``pltpu.InterpretParams`` selects the TPU
+  interpret mode. ``core.UnsupportedError`` on other backends."""
   if interpret is None:
     backend = jax.default_backend()
     if backend == "tpu":
       return False
     if backend != "cpu":
-      raise ValueError(f"the Mosaic TPU flash kernel runs on TPU (or interpreted on CPU); backend is {backend!r}. "
-                       "Use implementation='pallas' on GPU or 'blockwise' anywhere")
-    return pltpu.InterpretParams()
-  if interpret is True:
-    return pltpu.InterpretParams()
+      raise core.UnsupportedError(
+          f"the Mosaic TPU flash kernel runs on TPU (or interpreted on CPU); backend is {backend!r}. Use "
+          "implementation='pallas' on GPU or 'blockwise' anywhere")
+    return True
+  if isinstance(interpret, (bool, np.bool_)):
+    return bool(interpret)
+  if not isinstance(interpret, pltpu.InterpretParams):
+    raise ValueError(f"interpret must be None, a bool or a pltpu.InterpretParams; got {interpret!r}")
   return interpret
 
 
-def flash_tpu_core(inp: core.AttentionInputs, block_sizes: BlockSizes | None = None, interpret=None,
+def _static_float(name: str, x) -> float | None:
+  if x is None:
+    return None
+  try:
+    return float(x)
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    raise core.UnsupportedError(f"the Pallas TPU flash kernel needs a concrete {name}; got the traced value {x!r}. "
+                                "Use implementation='blockwise' or 'reference'") from None
+
+
+_KERNEL_DTYPES = {jnp.dtype(jnp.bfloat16): jnp.bfloat16, jnp.dtype(jnp.float32): jnp.float32,
+                  jnp.dtype(jnp.float16): jnp.float32}   # float16 is not a native TPU matmul type: upcast
+
+
+def _check_supported(inp: core.AttentionInputs):
+  """The kernels' input dtype; ``core.UnsupportedError`` for calls they cannot take."""
+  dtype = jnp.dtype(inp.query.dtype)
+  if dtype == jnp.float64:
+    raise core.UnsupportedError(
+        f"the Pallas TPU flash kernel computes in float32 and cannot keep float64 inputs in float64 ({inp.shapes}); "
+        "use implementation='blockwise' or 'reference'")
+  if dtype not in _KERNEL_DTYPES:
+    raise core.UnsupportedError(f"the Pallas TPU flash kernel takes bfloat16, float16 or float32 inputs; got "
+                                f"{dtype} ({inp.shapes}); use implementation='blockwise' or 'reference'")
+  return _KERNEL_DTYPES[dtype]
+
+
+def flash_tpu_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | None = None, interpret=None,
                    debug: bool = False) -> tuple[jax.Array, jax.Array]:
-  """Runs validated inputs through the kernels: ``(output [B,T,N,H], lse [B,N,T])`` (lse differentiable)."""
-  if inp.bias is not None or inp.mask is not None:
-    raise ValueError("the Pallas TPU flash kernel takes no dense bias/mask arrays (they would cost O(T x S) "
-                     "memory); express masks with is_causal, local_window_size, sequence lengths or segment ids, "
-                     "or use implementation='blockwise' / 'reference'")
-  from attention_jax.blockwise import _static_float   # shared helper; blockwise is pure JAX and light
+  """Runs validated inputs through the kernels: ``(output [B,T,N,Hv], lse [B,N,T] float32, -inf on rows with no
+  key)``, differentiable (also with respect to the bias). ``core.UnsupportedError`` for what they cannot take."""
+  kernel_dtype = _check_supported(inp)
   B, T, N, H = inp.query.shape
-  S, K = inp.key.shape[1:3]
+  S, K, Hv = inp.value.shape[1:]
   dtype = inp.query.dtype
-  if dtype not in (jnp.bfloat16, jnp.float16, jnp.float32):
-    raise ValueError(f"the Pallas TPU flash kernel takes bfloat16, float16 or float32 inputs; got {dtype} "
-                     f"({inp.shapes}); use implementation='blockwise' or 'reference'")
-  kernel_dtype = jnp.float32 if dtype == jnp.float16 else dtype   # not a native TPU matmul type: upcast
-  if T == 0 or S == 0:
-    return jnp.zeros_like(inp.query), jnp.full((B, N, T), -jnp.inf, jnp.float32)
-  blocks = BlockSizes.get_default(H, kernel_dtype) if block_sizes is None else block_sizes
+  if 0 in (B, T, N, S, Hv):
+    return jnp.zeros((B, T, N, Hv), dtype), jnp.full((B, N, T), -jnp.inf, jnp.float32)
+  blocks = check_block_sizes(block_sizes) or BlockSizes.get_default(max(H, Hv), kernel_dtype)
   # Tiles no longer than the (padded) sequences, then the sequences padded to whole tiles.
   fit = lambda b, n: min(b, max(LANES, pl.next_power_of_2(n)))
   blocks = BlockSizes(fit(blocks.block_q, T), fit(blocks.block_k, S), fit(blocks.block_q_dkv, T),
                       fit(blocks.block_k_dkv, S), fit(blocks.block_q_dq, T), fit(blocks.block_k_dq, S))
   Tp = _round_up(T, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
   Sp = _round_up(S, max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
-  hp = _round_up(H, LANES)
+  hp, hvp = _round_up(H, LANES), _round_up(Hv, LANES)
+  bias = None
+  if inp.bias is not None:   # float32 in the kernels (a bfloat16 bias stays bfloat16)
+    bias = inp.bias.astype(jnp.bfloat16 if inp.bias.dtype == jnp.bfloat16 else jnp.float32)
   cfg = _Config(scale=_static_float("scale", inp.scale),
                 soft_cap=_static_float("logits_soft_cap", inp.logits_soft_cap), is_causal=inp.is_causal,
-                window=inp.window, T=T, S=S, Tp=Tp, Sp=Sp, hp=hp, groups=N // K,
+                window=inp.window, T=T, S=S, Tp=Tp, Sp=Sp, hp=hp, hvp=hvp, groups=N // K,
                 has_q_len=inp.q_lengths is not None, has_kv_len=inp.kv_lengths is not None,
-                has_seg=inp.q_segment_ids is not None, blocks=blocks, interpret=_resolve_interpret(interpret),
-                debug=debug)
+                has_seg=inp.q_segment_ids is not None, mask=_Dense.of(inp.mask, jnp.bfloat16),
+                bias=_Dense.of(bias, None if bias is None else bias.dtype), blocks=blocks,
+                interpret=_resolve_interpret(interpret), debug=debug)
   # [B, L, heads, H] -> [B, Lp, heads * Hp]: zero padding, then a free reshape.
-  flat = lambda x, n: jnp.pad(x.astype(kernel_dtype), ((0, 0), (0, n - x.shape[1]), (0, 0), (0, hp - H))
-                              ).reshape(B, n, -1)
-  q, k, v = flat(inp.query, Tp), flat(inp.key, Sp), flat(inp.value, Sp)
+  flat = lambda x, n, h: jnp.pad(x.astype(kernel_dtype), ((0, 0), (0, n - x.shape[1]), (0, 0), (0, h - x.shape[3]))
+                                 ).reshape(B, n, -1)
+  q, k, v = flat(inp.query, Tp, hp), flat(inp.key, Sp, hp), flat(inp.value, Sp, hvp)
   length = lambda x, n: jnp.full((B,), n, jnp.int32) if x is None else jnp.clip(x, 0, n).astype(jnp.int32)
-  seg = None
-  if cfg.has_seg:
-    pad_ids = lambda x, n, fill: jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill)
-    seg = (pad_ids(inp.q_segment_ids, Tp, -1), pad_ids(inp.kv_segment_ids, Sp, -2))
-  out, lse = _flash(cfg, q, k, v, (length(inp.q_lengths, T), length(inp.kv_lengths, S), seg))
-  return out.reshape(B, Tp, N, hp)[:, :T, :, :H].astype(dtype), lse[:, :, :T]
+  pad_ids = lambda x, n, fill: None if x is None else jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill)
+  aux = (length(inp.q_lengths, T), length(inp.kv_lengths, S), pad_ids(inp.q_segment_ids, Tp, -1),
+         pad_ids(inp.kv_segment_ids, Sp, -2), inp.mask)
+  out, lse = _flash(cfg, q, k, v, bias, aux)
+  return out.reshape(B, Tp, N, hvp)[:, :T, :, :Hv].astype(dtype), lse[:, :, :T]
 
 
-def flash_attention_tpu(query, key, value, *, scale=None, is_causal=False, query_seq_lengths=None,
-                        key_value_seq_lengths=None, local_window_size=None, q_segment_ids=None, kv_segment_ids=None,
-                        logits_soft_cap=None, block_sizes: BlockSizes | None = None, interpret=None,
-                        return_residual: bool = False, debug: bool = False):
+def flash_attention_tpu(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                        query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                        q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
+                        block_sizes: BlockSizes | int | None = None, interpret=None, return_residual: bool = False,
+                        debug: bool = False):
   """Flash attention (Pallas, Mosaic TPU lowering); semantics of :func:`attention_jax.dot_product_attention`.
 
-  ``query [B, T, N, H]``, ``key/value [B, S, K, H]``, any T, S and H, ``N % K == 0``. ``block_sizes`` overrides
-  :meth:`BlockSizes.get_default`; ``interpret=None`` interprets on CPU (TPU interpret mode) and compiles on TPU;
-  ``interpret`` may also be a ``pltpu.InterpretParams``. ``return_residual`` adds the logsumexp ``[B, N, T]``.
+  ``query [*B, T, N, H]``, ``key [*B, S, K, H]``, ``value [*B, S, K, Hv]``, any T, S, H and Hv, ``N % K == 0``;
+  dense ``bias`` / ``mask`` arrays broadcastable to ``[*B, N, T, S]`` (differentiable bias). ``block_sizes``
+  overrides :meth:`BlockSizes.get_default` (a plain int: that tile length everywhere). ``interpret=None`` compiles
+  on TPU and interprets on CPU (``interpret=True``: Pallas's interpreter; ``pltpu.InterpretParams()``: the TPU
+  interpret mode, which ``jax.checkpoint`` cannot differentiate). ``return_residual=True`` also returns the
+  logsumexp ``[*B, T, N]`` as ``jax.nn`` does. float64 raises ``core.UnsupportedError``.
   """
-  inp = core.prepare_inputs(query, key, value, scale=scale, is_causal=is_causal,
+  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
                             query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
                             local_window_size=local_window_size, q_segment_ids=q_segment_ids,
                             kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  out, lse = flash_tpu_core(inp, block_sizes, interpret, debug)
-  return (out, lax.stop_gradient(lse)) if return_residual else out
+  options = (("block_sizes", check_block_sizes(block_sizes)), ("interpret", _resolve_interpret(interpret)),
+             ("debug", bool(debug)))
+  return core.run_custom(flash_tpu_core, inp, options=options, return_residual=return_residual)
 
 
-def flash_attention_tpu_reference(query, key, value, *, scale=None, is_causal=False, query_seq_lengths=None,
-                                  key_value_seq_lengths=None, local_window_size=None, q_segment_ids=None,
-                                  kv_segment_ids=None, logits_soft_cap=None, block_sizes: BlockSizes | None = None,
-                                  interpret=None, return_residual: bool = False, debug: bool = False):
+def _reference_core(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
+  out, lse, _ = core.reference_core(inp)
+  return out, lse
+
+
+def flash_attention_tpu_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
+                                  query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
+                                  q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
+                                  block_sizes: BlockSizes | int | None = None, interpret=None,
+                                  return_residual: bool = False, debug: bool = False):
   """The plain algorithm with :func:`flash_attention_tpu`'s signature (tiling arguments are ignored)."""
   del block_sizes, interpret, debug
-  return core.reference_attention(query, key, value, scale=scale, is_causal=is_causal,
-                                  query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                                  local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                                  kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap,
-                                  return_residual=return_residual)
+  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
+                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
+  return core.run_custom(_reference_core, inp, return_residual=return_residual, custom_vjp=False)
 
 
 def _dispatch(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
