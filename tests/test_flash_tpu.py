@@ -274,6 +274,22 @@ class FlashTpuInterpretTest(AttentionSuite):
     assert_close(batched[1], aj.reference_attention(2 * q, k, -v, is_causal=True))
 
 
+class FlashTpuInterpretModeTest(AttentionSuite):
+  """The CI cases that combine the most features, in the TPU interpret mode (``pltpu.InterpretParams``), which
+  simulates TPU memory: an output block a kernel forgets to write holds a stale VMEM buffer, and out-of-bounds DMAs
+  fail. The plain interpreter (the default on CPU, and the rest of this file) cannot see either."""
+
+  def attention(self, q, k, v, *args, **options):
+    return flash_tpu.flash_attention_tpu(q, k, v, *args, block_sizes=SMALL_BLOCKS,
+                                         interpret=pltpu.InterpretParams(), return_residual=True, **options)
+
+  def test_structured(self):
+    self.check_case(CI_CASES["odd_causal_gqa_segments_lengths"], jnp.float32)
+
+  def test_dense_mask_and_bias(self):
+    self.check_case(DENSE_CASES["bias_11TS_mask_B1T1"], jnp.float32)
+
+
 class FlashTpuCompiledTest(FlashTpuInterpretTest):
   INTERPRET = False
 

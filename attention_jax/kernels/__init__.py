@@ -1,7 +1,7 @@
 """Pallas kernels, each beside a ``*_reference`` of the same signature.
 
 * ``flash_gpu``: Triton-lowered flash attention (GPU; interpret mode on CPU) — ``flash_attention``.
-* ``flash_tpu``: Mosaic-lowered flash attention (TPU; TPU interpret mode on CPU) — ``flash_attention_tpu``.
+* ``flash_tpu``: Mosaic-lowered flash attention (TPU; interpreted on CPU) — ``flash_attention_tpu``.
 
 Names are re-exported lazily so that importing the package does not import Pallas.
 """
