@@ -25,6 +25,11 @@ steps every query block has met every key block, and no device ever holds more t
   Within a block the per-tile causal / length ranges skip masked tiles as usual;
 * GQA: K/V rotate with their K heads, never repeated; key/value (and query) lengths are global positions,
   turned into per-block limits; T and S that do not divide into the chunks are padded and the padding masked.
+  Rows beyond the lengths are zeroed by a select on each device first, so a NaN/Inf there reaches nothing;
+* meshes: ``Mesh`` (Auto axes), ``jax.make_mesh`` (Explicit axes), either set with ``jax.set_mesh``; inputs
+  uncommitted, committed to one device (eager calls move them onto the mesh) or sharded;
+* forward-mode and second-order differentiation (which a ``custom_vjp`` cannot serve) compute
+  ``ring_attention_reference`` when they are visible at the call.
 
 ``ring_attention_reference`` has the same signature and computes the same function on gathered arrays.
 See docs/RING.md for multi-host use.
@@ -33,15 +38,17 @@ See docs/RING.md for multi-host use.
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from attention_jax import blockwise, core
+from attention_jax import _autodiff, blockwise, core
 
 IMPLEMENTATIONS = ("blockwise", "pallas")
 SEQUENCE_ORDERS = ("natural", "zigzag")
@@ -51,7 +58,7 @@ SKIP, FULL, DIAGONAL = 0, 1, 2
 
 class _Config(NamedTuple):
   """Static configuration of one call (hashable)."""
-  axis_name: Any
+  axis_name: Any         # a mesh axis name, or a tuple of them (the ring runs over their product)
   num_shards: int        # P, devices on axis_name
   zigzag: bool           # device d holds chunks d and 2P-1-d (else chunk d)
   is_causal: bool
@@ -62,10 +69,15 @@ class _Config(NamedTuple):
   implementation: str    # per-block compute: "blockwise" | "pallas"
   chunk_sizes: Any       # blockwise.ChunkSizes | None
   block_sizes: Any       # kernels.flash_gpu.BlockSizes | None
+  reorder: bool = False  # q/k/v arrive in natural order and are reordered to zig-zag inside
 
   @property
   def chunks_per_shard(self) -> int:
     return 2 if self.zigzag else 1
+
+  @property
+  def axes(self) -> tuple[str, ...]:
+    return self.axis_name if isinstance(self.axis_name, tuple) else (self.axis_name,)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -109,10 +121,12 @@ def _block_backward(cfg: _Config, inp: core.AttentionInputs, d_out, lse, delta):
 
 
 def _merge(o_a, lse_a, o_b, lse_b):
-  """Logsumexp rule for two partial results over disjoint keys (rows with no key stay 0 / -inf)."""
+  """Logsumexp rule for two partial results over disjoint keys (rows with no key stay 0 / -inf). A side with no
+  key for a row is dropped by a select, so whatever it holds there cannot reach the row."""
   lse = jnp.logaddexp(lse_a, lse_b)
   safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  return _rows(jnp.exp(lse_a - safe)) * o_a + _rows(jnp.exp(lse_b - safe)) * o_b, lse
+  part = lambda o, l: jnp.where(_rows(l == -jnp.inf), 0.0, _rows(jnp.exp(l - safe)) * o)   # NaN stays
+  return part(o_a, lse_a) + part(o_b, lse_b), lse
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -293,13 +307,28 @@ def _ring_fwd(cfg, q, k, v, lengths):
   return (out, lse), (q, k, v, lengths, out, lse)
 
 
+@jax.custom_jvp
+def _not_differentiable(tree):
+  """Identity whose derivative raises: marks the ring's backward pass, which JAX cannot differentiate."""
+  return tree
+
+
+@_not_differentiable.defjvp
+def _not_differentiable_jvp(primals, tangents):
+  raise NotImplementedError(
+      "ring_attention's backward pass is not differentiable (second-order or forward-mode differentiation through "
+      "a jax.jit that contains the first derivative). Call ring_attention outside that jit boundary, where it "
+      "switches to the differentiable plain formula itself, or use attention_jax.ring.ring_attention_reference "
+      "(or implementation='reference' / 'xla' in dot_product_attention).")
+
+
 def _ring_bwd(cfg, res, cts):
   q, k, v, lengths, out, lse = res
   d_out, d_lse = cts
   # delta = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
   delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
   delta = delta - d_lse.astype(jnp.float32)
-  dq, dk, dv = _ring_backward(cfg, q, k, v, lengths, d_out, lse, delta)
+  dq, dk, dv = _not_differentiable(_ring_backward(cfg, q, k, v, lengths, d_out, lse, delta))
   return dq, dk, dv, jax.tree.map(lambda _: None, lengths)
 
 
@@ -366,35 +395,56 @@ def from_zigzag(x: jax.Array, num_shards: int, axis: int = 1) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# Meshes (Explicit or Auto axes, with or without a jax.set_mesh context)
+# Meshes (Explicit or Auto axes, with or without a jax.set_mesh context) and input placement
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _check_mesh(mesh, axis_name) -> int:
+def _check_mesh(mesh, axis_name) -> tuple[Any, int]:
+  """``(axis_name normalised: a str or a tuple of >= 2 str, P = devices on those axes)``."""
   if not isinstance(mesh, Mesh):
     raise ValueError(f"mesh must be a jax.sharding.Mesh (e.g. jax.make_mesh((n,), ('seq',))); got {type(mesh)}")
-  if axis_name not in mesh.axis_names:
-    raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh; its axes are {mesh.axis_names} "
-                     f"with sizes {mesh.axis_sizes}")
-  return mesh.shape[axis_name]
+  names = (axis_name,) if isinstance(axis_name, str) else axis_name
+  if not (isinstance(names, tuple) and names and all(isinstance(a, str) for a in names)):
+    raise ValueError(f"axis_name must be a mesh axis name (str) or a non-empty tuple of them; got {axis_name!r} "
+                     f"of type {type(axis_name).__name__}; the mesh's axes are {mesh.axis_names}")
+  if len(set(names)) != len(names):
+    raise ValueError(f"axis_name={axis_name!r} repeats an axis")
+  missing = [a for a in names if a not in mesh.axis_names]
+  if missing:
+    raise ValueError(f"axis_name={axis_name!r} is not an axis of the mesh ({missing} missing); its axes are "
+                     f"{mesh.axis_names} with sizes {mesh.axis_sizes}")
+  return (names[0] if len(names) == 1 else names), math.prod(mesh.shape[a] for a in names)
 
 
-def _typed_spec(x: jax.Array, mesh: Mesh) -> P | None:
-  """The PartitionSpec in ``x``'s type when it is explicitly sharded on ``mesh``'s axes, else None."""
+def _explicit_spec(x, mesh: Mesh) -> P | None:
+  """The PartitionSpec in ``x``'s type when ``x`` is typed with Explicit mesh axes (which must be ``mesh``'s),
+  else None (NumPy, single-device, Auto-sharded arrays and their tracers)."""
   sharding = getattr(jax.typeof(x), "sharding", None)
-  if sharding is None or sharding.mesh.empty or sharding.mesh.axis_names != mesh.axis_names:
+  typed_mesh = getattr(sharding, "mesh", None)
+  if typed_mesh is None or typed_mesh.empty or AxisType.Explicit not in typed_mesh.axis_types:
     return None
+  if typed_mesh.axis_names != mesh.axis_names or typed_mesh.axis_sizes != mesh.axis_sizes:
+    raise ValueError(f"an input of shape {x.shape} is explicitly sharded over mesh axes {typed_mesh.axis_names} "
+                     f"with sizes {typed_mesh.axis_sizes}, but mesh= has axes {mesh.axis_names} with sizes "
+                     f"{mesh.axis_sizes}; reshard it onto mesh= first")
   return sharding.spec
 
 
+def _auto_twin(mesh: Mesh) -> Mesh:
+  if AxisType.Explicit not in mesh.axis_types:
+    return mesh
+  return Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names))
+
+
 def _on_mesh(mesh: Mesh, fn: Callable, args: tuple, out_specs) -> Any:
-  """``fn(shard_mesh, *args)`` with every axis of ``mesh`` of Auto type (what ``shard_map`` over one axis and
+  """``fn(shard_mesh, *args)`` with every axis of ``mesh`` of Auto type (what ``shard_map`` over the ring axes and
   the per-shard code need), whatever the caller's mesh setup.
 
-  * no ``jax.set_mesh`` context, untyped inputs (NumPy, single-device, Auto-sharded): runs on ``mesh``'s Auto
-    twin (same devices), so jit may pick the input sharding;
-  * inputs explicitly sharded on ``mesh``, or a ``jax.set_mesh`` context (which must be ``mesh``) with Explicit
-    axes: ``jax.sharding.auto_axes`` switches the axes to Auto inside and types the outputs with ``out_specs``.
+  * a ``jax.set_mesh`` context (which must be ``mesh``): used as it is when its axes are Auto; with Explicit axes
+    ``jax.sharding.auto_axes`` switches them to Auto inside and types the outputs with ``out_specs``;
+  * no context, inputs explicitly typed on ``mesh`` (``jax.make_mesh`` + ``device_put``): ``auto_axes`` likewise;
+  * no context, untyped inputs (NumPy, single-device, Auto-sharded): runs on ``mesh``'s Auto twin (same
+    devices), so jit may pick the input sharding.
   """
   ctx = jax.sharding.get_abstract_mesh()
   in_auto = lambda *a: fn(jax.sharding.get_abstract_mesh(), *a)
@@ -402,22 +452,52 @@ def _on_mesh(mesh: Mesh, fn: Callable, args: tuple, out_specs) -> Any:
     if ctx.axis_names != mesh.axis_names or ctx.axis_sizes != mesh.axis_sizes:
       raise ValueError(f"the jax.set_mesh context mesh {ctx.axis_names} {ctx.axis_sizes} differs from mesh= "
                        f"{mesh.axis_names} {mesh.axis_sizes}")
-    if all(t != AxisType.Explicit for t in ctx.axis_types):
+    if AxisType.Explicit not in ctx.axis_types:
       return fn(ctx, *args)
     return jax.sharding.auto_axes(in_auto, out_sharding=out_specs)(*args)
-  if _typed_spec(args[0], mesh) is not None:
-    out_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), out_specs)
+  typed = [x for x in jax.tree.leaves(args) if _explicit_spec(x, mesh) is not None]
+  if typed:
+    typed_mesh = Mesh(mesh.devices, mesh.axis_names, axis_types=jax.typeof(typed[0]).sharding.mesh.axis_types)
+    out_shardings = jax.tree.map(lambda s: NamedSharding(typed_mesh, s), out_specs)
     return jax.sharding.auto_axes(in_auto, out_sharding=out_shardings)(*args)
-  if all(t != AxisType.Explicit for t in mesh.axis_types):
-    return fn(mesh, *args)
-  return fn(Mesh(mesh.devices, mesh.axis_names, axis_types=(AxisType.Auto,) * len(mesh.axis_names)), *args)
+  return fn(_auto_twin(mesh), *args)
+
+
+def _concrete_value(x):
+  """``(array, batched)``: the concrete array under eager autodiff / vmap tracers, or ``(None, False)`` for traced
+  values with none (inside jax.jit) and for non-arrays."""
+  batched = False
+  for _ in range(64):   # nesting depth is bounded by the number of active transformations
+    if not isinstance(x, jax.core.Tracer):
+      return (x, batched) if isinstance(x, jax.Array) else (None, False)
+    inner = getattr(x, "primal", None)   # JVP / linearize tracers
+    if inner is None:
+      inner, batched = getattr(x, "val", None), True   # vmap tracers
+    x = inner
+  return None, False
+
+
+def _onto_mesh(x, mesh: Mesh, axis_name, num_shards: int):
+  """An array held outside ``mesh``'s devices (committed to one device, say) moved onto them, q/k/v sharded
+  along T over ``axis_name`` when that divides. ``jax.jit`` cannot do this move for a committed argument (it refuses
+  arguments committed to other devices), so eager calls do it here; values traced by jit pass through. Outside a
+  ``jax.set_mesh`` context the moved array is not explicitly typed (as an uncommitted one would be)."""
+  concrete, batched = _concrete_value(x)
+  if concrete is None or concrete.sharding.device_set == set(mesh.devices.flat):
+    return x
+  seq_axis = x.ndim - 3   # T's axis in [*B, T, N, H]
+  sharded = seq_axis >= 0 and x.shape[seq_axis] % num_shards == 0 and not batched
+  spec = P(*(None,) * seq_axis, axis_name) if sharded else P()
+  target = mesh if not jax.sharding.get_abstract_mesh().empty else _auto_twin(mesh)
+  return jax.device_put(x, NamedSharding(target, spec))
 
 
 def _other_axes(spec: P | None, ndim: int, axis_name) -> list:
-  """Per-dim spec entries of ``spec`` with ``axis_name`` removed (None where unsharded)."""
+  """Per-dim spec entries of ``spec`` with the ring's axes removed (None where unsharded)."""
+  ring_axes = set(axis_name) if isinstance(axis_name, tuple) else {axis_name}
   entries = list(spec or ()) + [None] * (ndim - len(spec or ()))
-  drop = lambda e: None if e == axis_name or (isinstance(e, tuple) and axis_name in e) else e
-  return [drop(e) for e in entries[:ndim]]
+  uses_ring = lambda e: bool(ring_axes & (set(e) if isinstance(e, tuple) else {e}))
+  return [None if uses_ring(e) else e for e in entries[:ndim]]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -427,17 +507,21 @@ def _other_axes(spec: P | None, ndim: int, axis_name) -> list:
 
 def _prepare(query, key, value, mesh, axis_name, *, is_causal, scale, query_seq_lengths, key_value_seq_lengths,
              logits_soft_cap, load_balance, sequence_order, implementation, chunk_sizes, block_sizes):
-  """Validates the call: ``(AttentionInputs, _Config, padded T, padded S)``."""
-  n_dev = _check_mesh(mesh, axis_name)
+  """Validates the call: ``(AttentionInputs, _Config)``."""
+  axis_name, n_dev = _check_mesh(mesh, axis_name)
+  query, key, value, query_seq_lengths, key_value_seq_lengths = (
+      _onto_mesh(x, mesh, axis_name, n_dev) for x in (query, key, value, query_seq_lengths, key_value_seq_lengths))
   inp = core.prepare_inputs(query, key, value, scale=scale, is_causal=is_causal,
                             query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
                             logits_soft_cap=logits_soft_cap)
   T, S = inp.query.shape[1], inp.key.shape[1]
   if sequence_order not in SEQUENCE_ORDERS:
     raise ValueError(f"sequence_order must be one of {SEQUENCE_ORDERS}; got {sequence_order!r}")
+  if not isinstance(load_balance, (bool, np.bool_)):
+    raise ValueError(f"load_balance must be a Python bool; got {load_balance!r}")
   if inp.is_causal and T != S:
     raise ValueError(f"causal ring attention needs T == S (self-attention); got {inp.shapes}")
-  zigzag = sequence_order == "zigzag" or (inp.is_causal and load_balance)
+  zigzag = sequence_order == "zigzag" or (inp.is_causal and bool(load_balance))
   per = n_dev * (2 if zigzag else 1)
   if sequence_order == "zigzag" and (T % per or S % per):
     raise ValueError(f"sequence_order='zigzag' needs T and S divisible by 2 * {n_dev} devices on "
@@ -450,35 +534,80 @@ def _prepare(query, key, value, mesh, axis_name, *, is_causal, scale, query_seq_
   cfg = _Config(axis_name=axis_name, num_shards=n_dev, zigzag=zigzag, is_causal=inp.is_causal,
                 q_chunk=Tp // per, kv_chunk=Sp // per, scale=blockwise._static_float("scale", inp.scale),
                 soft_cap=blockwise._static_float("logits_soft_cap", inp.logits_soft_cap),
-                implementation=implementation, chunk_sizes=chunk_sizes, block_sizes=block_sizes)
-  return inp, cfg, Tp, Sp
+                implementation=implementation, chunk_sizes=chunk_sizes, block_sizes=block_sizes,
+                reorder=zigzag and sequence_order == "natural")
+  return inp, cfg
 
 
-def _global_lengths(inp: core.AttentionInputs, Sp: int) -> dict:
-  """Query / key lengths the ring masks with (keys padded up to ``Sp`` are masked by a key length)."""
+def _ring_args(inp: core.AttentionInputs, cfg: _Config) -> tuple:
+  """``(q, k, v, lengths)``: ``lengths`` are what the ring masks with (keys padded up to whole chunks are masked
+  by a key length)."""
   S = inp.key.shape[1]
   lengths = {}
   if inp.q_lengths is not None:
     lengths["q"] = inp.q_lengths
-  if inp.kv_lengths is not None or Sp != S:
+  if inp.kv_lengths is not None or cfg.kv_chunk * cfg.num_shards * cfg.chunks_per_shard != S:
     lengths["kv"] = (jnp.full((inp.key.shape[0],), S, jnp.int32) if inp.kv_lengths is None
                      else jnp.minimum(inp.kv_lengths, S))
-  return lengths
+  return inp.query, inp.key, inp.value, lengths
 
 
-def _sharded(cfg: _Config, Tp: int, Sp: int, reorder: bool, body: Callable, out_specs, shard_mesh, q, k, v,
-             lengths: dict):
-  """Pads q/k/v to ``Tp`` / ``Sp`` rows and runs ``body(q, k, v, lengths)`` per device under ``shard_map``."""
+def _zero_beyond(cfg: _Config, x: jax.Array, length) -> jax.Array:
+  """Global ``x`` [B, L, ...] with positions at or beyond ``length`` [B] set to zero by a select, so that a NaN/Inf
+  there cannot reach any result or gradient (their gradient is exactly zero)."""
+  if length is None:
+    return x
+  L = x.shape[1]
+  positions = jnp.arange(L, dtype=jnp.int32) if cfg.reorder or not cfg.zigzag else zigzag_indices(L, cfg.num_shards)
+  keep = positions[None, :] < length[:, None]
+  return jnp.where(keep[:, :, None, None], x, jnp.zeros((), x.dtype))
+
+
+def _pad_heads(x: jax.Array, size: int) -> jax.Array:
+  return x if x.shape[-1] == size else jnp.pad(x, ((0, 0),) * (x.ndim - 1) + ((0, size - x.shape[-1]),))
+
+
+def _sharded(cfg: _Config, body: Callable, out_specs, shard_mesh, q, k, v, lengths: dict):
+  """Pads q/k/v to whole chunks and runs ``body(q, k, v, lengths)`` per device under ``shard_map`` (on local
+  shards in the ring's layout, zig-zag when ``cfg.zigzag``)."""
+  per = cfg.num_shards * cfg.chunks_per_shard
   pad = lambda x, n: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, 0))) if n != x.shape[1] else x
 
   def per_device(q, k, v, lengths):
-    if reorder:
+    if cfg.reorder:
       q, k, v = (_natural_to_zigzag(cfg, x, 1) for x in (q, k, v))
     return body(q, k, v, lengths)
 
   seq = P(None, cfg.axis_name)
   return jax.shard_map(per_device, mesh=shard_mesh, in_specs=(seq, seq, seq, P()), out_specs=out_specs,
-                       axis_names={cfg.axis_name}, check_vma=False)(pad(q, Tp), pad(k, Sp), pad(v, Sp), lengths)
+                       axis_names=set(cfg.axes), check_vma=False)(
+                           pad(q, cfg.q_chunk * per), pad(k, cfg.kv_chunk * per), pad(v, cfg.kv_chunk * per),
+                           lengths)
+
+
+def _attention_on(cfg: _Config, shard_mesh, q, k, v, lengths: dict):
+  """Global ``(out [B, T, N, Hv], lse [B, N, T])`` of the ring on ``shard_mesh`` (Auto axes)."""
+  T, H, Hv = q.shape[1], q.shape[-1], v.shape[-1]
+
+  def body(q, k, v, lengths):
+    # A value head dim that differs from the query/key one: zero columns (exact) make them equal per block.
+    width = max(H, Hv)
+    out, lse = _ring(cfg, _pad_heads(q, width), _pad_heads(k, width), _pad_heads(v, width), lengths)
+    out = out[..., :Hv]
+    if cfg.reorder:
+      out, lse = _zigzag_to_natural(cfg, out, 1), _zigzag_to_natural(cfg, lse, 2)
+    return out, lse
+
+  q = _zero_beyond(cfg, q, lengths.get("q"))
+  k, v = (_zero_beyond(cfg, x, lengths.get("kv")) for x in (k, v))
+  out, lse = _sharded(cfg, body, (P(None, cfg.axis_name), P(None, None, cfg.axis_name)), shard_mesh, q, k, v,
+                      lengths)
+  return out[:, :T], lse[:, :, :T]
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _ring_call(cfg: _Config, mesh: Mesh, out_specs, q, k, v, lengths: dict):
+  return _on_mesh(mesh, functools.partial(_attention_on, cfg), (q, k, v, lengths), out_specs)
 
 
 def ring_attention(query, key, value, *, mesh: Mesh, axis_name, is_causal: bool = False, scale=None,
@@ -489,12 +618,13 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name, is_causal: bool 
   """Softmax attention with the sequence sharded over ``mesh`` axis ``axis_name`` (ring attention).
 
   Args:
-    query: ``[B, T, N, H]``; key, value: ``[B, S, K, H]``, ``N % K == 0`` — *global* arrays, sharded or not:
-      inputs already sharded along the sequence over ``axis_name`` (``P(None, axis_name)``) are used in place,
-      anything else is resharded. Batch / head sharding over other mesh axes is kept. Jit-able; ``mesh`` and
-      ``axis_name`` are static.
+    query: ``[*B, T, N, H]``; key: ``[*B, S, K, H]``; value: ``[*B, S, K, Hv]``, ``N % K == 0`` — *global*
+      arrays, sharded or not: inputs already sharded along the sequence over ``axis_name``
+      (``P(None, axis_name)``) are used in place, anything else is resharded (eager calls first move arrays
+      committed to other devices onto the mesh). Batch / head sharding over other mesh axes is kept. Jit-able;
+      ``mesh`` and ``axis_name`` are static.
     mesh: a ``jax.sharding.Mesh`` (Explicit or Auto axes; inside ``jax.set_mesh`` it must be that mesh).
-    axis_name: the mesh axis to shard the sequence over (P devices).
+    axis_name: the mesh axis to shard the sequence over (P devices), or a tuple of axes (P = their product).
     is_causal: query i sees keys j <= i; needs T == S.
     scale, logits_soft_cap, query_seq_lengths, key_value_seq_lengths: as
       :func:`attention_jax.dot_product_attention` (lengths are global positions).
@@ -504,36 +634,32 @@ def ring_attention(query, key, value, *, mesh: Mesh, axis_name, is_causal: bool 
       (T, S divisible by 2P), which saves the reordering ``ppermute`` s.
     implementation: per-shard compute, None/"auto" (Pallas on GPU, blockwise elsewhere), "blockwise", "pallas".
     chunk_sizes / block_sizes: tiles of the blockwise path / the Pallas kernel.
-    return_residual: also return the logsumexp ``[B, N, T]`` (float32, -inf on rows with no key).
+    return_residual: also return the logsumexp ``[*B, T, N]`` as ``jax.nn`` does (input dtype, no gradient).
 
   Returns:
-    ``[B, T, N, H]`` in the input dtype, sharded along T over ``axis_name`` (when P divides T), or
-    ``(output, logsumexp)``. T not a multiple of the chunk count is padded internally and masked.
+    ``[*B, T, N, Hv]`` in the input dtype, sharded along T over ``axis_name`` (when P divides T), or
+    ``(output, logsumexp)``. Any T and S: they are padded internally to whole chunks and the padding masked.
+    Under forward-mode or second-order differentiation it computes :func:`ring_attention_reference` instead.
   """
-  inp, cfg, Tp, Sp = _prepare(query, key, value, mesh, axis_name, is_causal=is_causal, scale=scale,
-                              query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                              logits_soft_cap=logits_soft_cap, load_balance=load_balance,
-                              sequence_order=sequence_order, implementation=implementation,
-                              chunk_sizes=chunk_sizes, block_sizes=block_sizes)
-  reorder = cfg.zigzag and sequence_order == "natural"
-  T = inp.query.shape[1]
-
-  def body(q, k, v, lengths):
-    out, lse = _ring(cfg, q, k, v, lengths)
-    if reorder:
-      out, lse = _zigzag_to_natural(cfg, out, 1), _zigzag_to_natural(cfg, lse, 2)
-    return out, lse
-
-  def run(shard_mesh, *args):
-    out, lse = _sharded(cfg, Tp, Sp, reorder, body, (P(None, axis_name), P(None, None, axis_name)), shard_mesh,
-                        *args)
-    return out[:, :T], lse[:, :, :T]
-
-  b, _, n, _ = _other_axes(_typed_spec(inp.query, mesh), 4, axis_name)
-  seq = axis_name if T % cfg.num_shards == 0 else None
-  args = (inp.query, inp.key, inp.value, _global_lengths(inp, Sp))
-  out, lse = _on_mesh(mesh, run, args, (P(b, seq, n, None), P(b, n, seq)))
-  return (out, lax.stop_gradient(lse)) if return_residual else out
+  options = dict(is_causal=is_causal, scale=scale, query_seq_lengths=query_seq_lengths,
+                 key_value_seq_lengths=key_value_seq_lengths, logits_soft_cap=logits_soft_cap,
+                 load_balance=load_balance, sequence_order=sequence_order, implementation=implementation,
+                 chunk_sizes=chunk_sizes, block_sizes=block_sizes)
+  inp, cfg = _prepare(query, key, value, mesh, axis_name, **options)
+  B, T, N, _ = inp.query.shape
+  S, Hv = inp.value.shape[1], inp.value.shape[-1]
+  if 0 in (B, T, N, S, Hv):   # nothing to compute, or no keys: every row is empty
+    out, lse = jnp.zeros((B, T, N, Hv), inp.query.dtype), jnp.full((B, N, T), -jnp.inf, jnp.float32)
+  elif _autodiff.needs_plain_path(inp.query, inp.key, inp.value):
+    # Forward-mode / second-order differentiation: the custom-VJP ring cannot serve it; the plain formula can.
+    return ring_attention_reference(query, key, value, mesh=mesh, axis_name=axis_name,
+                                    return_residual=return_residual, **options)
+  else:
+    b, _, n, _ = _other_axes(_explicit_spec(inp.query, mesh), 4, cfg.axis_name)
+    seq = cfg.axis_name if T % cfg.num_shards == 0 else None
+    out, lse = _ring_call(cfg, mesh, (P(b, seq, n, None), P(b, n, seq)), *_ring_args(inp, cfg))
+  out = core.restore_batch(out, inp)
+  return (out, core.public_residual(lse, inp)) if return_residual else out
 
 
 def ring_attention_reference(query, key, value, *, mesh: Mesh, axis_name, is_causal: bool = False, scale=None,
@@ -543,25 +669,28 @@ def ring_attention_reference(query, key, value, *, mesh: Mesh, axis_name, is_cau
                              chunk_sizes: blockwise.ChunkSizes | None = None, block_sizes=None,
                              return_residual: bool = False):
   """The plain algorithm with :func:`ring_attention`'s signature: gathers q/k/v (replicated on every device of
-  ``mesh``) and calls :func:`attention_jax.reference_attention`. Tiling and balancing arguments are ignored."""
+  ``mesh``) and calls :func:`attention_jax.reference_attention` (differentiable to any order, O(T S) memory).
+  Tiling and balancing arguments are ignored."""
   del load_balance, implementation, chunk_sizes, block_sizes
-  num_shards = _check_mesh(mesh, axis_name)
+  axis_name, num_shards = _check_mesh(mesh, axis_name)
   if sequence_order not in SEQUENCE_ORDERS:
     raise ValueError(f"sequence_order must be one of {SEQUENCE_ORDERS}; got {sequence_order!r}")
   zigzag = sequence_order == "zigzag"
+  place = lambda x: None if x is None else jnp.asarray(_onto_mesh(x, mesh, axis_name, num_shards))
+  args = tuple(place(x) for x in (query, key, value, query_seq_lengths, key_value_seq_lengths))
 
-  def run(shard_mesh, query, key, value):
+  def run(shard_mesh, query, key, value, q_lengths, kv_lengths):
+    seq_axis = query.ndim - 3    # T's axis in q/k/v [*B, T, N, H] and in the residual [*B, T, N]
     gather = lambda x: lax.with_sharding_constraint(x, NamedSharding(shard_mesh, P()))
-    q, k, v = (gather(from_zigzag(x, num_shards) if zigzag else x) for x in (query, key, value))
-    out, lse = core.reference_attention(q, k, v, scale=scale, is_causal=is_causal,
-                                        query_seq_lengths=query_seq_lengths,
-                                        key_value_seq_lengths=key_value_seq_lengths,
-                                        logits_soft_cap=logits_soft_cap, return_residual=True)
+    q, k, v = (gather(from_zigzag(x, num_shards, seq_axis) if zigzag else x) for x in (query, key, value))
+    out, lse = core.reference_attention(q, k, v, scale=scale, is_causal=is_causal, query_seq_lengths=q_lengths,
+                                        key_value_seq_lengths=kv_lengths, logits_soft_cap=logits_soft_cap,
+                                        return_residual=True)
     if zigzag:
-      out, lse = to_zigzag(out, num_shards, 1), to_zigzag(lse, num_shards, 2)
+      out, lse = to_zigzag(out, num_shards, seq_axis), to_zigzag(lse, num_shards, seq_axis)
     return out, lse
 
-  out, lse = _on_mesh(mesh, run, tuple(jnp.asarray(x) for x in (query, key, value)), (P(), P()))
+  out, lse = _on_mesh(mesh, run, args, (P(), P()))
   return (out, lse) if return_residual else out
 
 
@@ -574,11 +703,11 @@ def ring_block_counts(query, key, value, *, mesh: Mesh, axis_name, is_causal: bo
   and computed with the causal mask (columns ``SKIP``, ``FULL``, ``DIAGONAL``), out of ``n * n * P`` (n = 1, or
   2 chunks per device in zig-zag order). Arguments as :func:`ring_attention`.
   """
-  inp, cfg, Tp, Sp = _prepare(query, key, value, mesh, axis_name, is_causal=is_causal, scale=None,
-                              query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                              logits_soft_cap=None, load_balance=load_balance, sequence_order=sequence_order,
-                              implementation="blockwise", chunk_sizes=None, block_sizes=None)
-  reorder = cfg.zigzag and sequence_order == "natural"
-  body = lambda q, k, v, lengths: _ring_forward(cfg, q, k, v, lengths)[2][None]
-  run = functools.partial(_sharded, cfg, Tp, Sp, reorder, body, P(axis_name))
-  return _on_mesh(mesh, run, (inp.query, inp.key, inp.value, _global_lengths(inp, Sp)), P(axis_name))
+  inp, cfg = _prepare(query, key, value, mesh, axis_name, is_causal=is_causal, scale=None,
+                      query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                      logits_soft_cap=None, load_balance=load_balance, sequence_order=sequence_order,
+                      implementation="blockwise", chunk_sizes=None, block_sizes=None)
+  width = max(inp.query.shape[-1], inp.value.shape[-1])
+  body = lambda q, k, v, lengths: _ring_forward(cfg, *(_pad_heads(x, width) for x in (q, k, v)), lengths)[2][None]
+  run = functools.partial(_sharded, cfg, body, P(cfg.axis_name))
+  return _on_mesh(mesh, run, _ring_args(inp, cfg), P(cfg.axis_name))
