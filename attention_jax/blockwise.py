@@ -1,20 +1,28 @@
 """Memory-efficient attention in pure JAX: online softmax over key chunks, for any backend.
 
 The forward maps over query chunks; for each it loops over only the key chunks its rows can see (causal and
-local-window chunks outside the band are skipped), keeping a running max, sum and float32 accumulator
-(Rabe & Staats 2021; Dao et al. 2022). Memory is O(query_chunk x key_chunk) per step instead of O(T x S).
+local-window chunks outside the band are skipped), keeping a running max, sum and accumulator in the compute dtype
+(float32, or float64 for float64 inputs) (Rabe & Staats 2021; Dao et al. 2022). Memory is
+O(query_chunk x key_chunk) per step instead of O(T x S).
 
 The backward is a ``jax.custom_vjp`` that saves only the output and the logsumexp and recomputes each tile's
 probabilities: one pass over key chunks, an inner loop over the query chunks that see them, accumulating
-dK/dV per key chunk and dQ into a float32 buffer. Nothing of size T x S is ever stored.
+dK/dV per key chunk and dQ into a compute-dtype buffer. Nothing of size T x S is ever stored. Its loops have
+data-dependent bounds, so the backward itself is not differentiable: the public entry points compute forward-mode
+and second-order derivatives through the reference formula instead (``core.run_custom``).
+
+Masked tiles use selects, never multiplies by zero, so a NaN/Inf at a position a query cannot see (a key beyond
+the lengths, hidden by the mask, causality, the window, segments or a ``-inf`` bias) never reaches that query's
+output or any gradient through it: logits are selected to ``-inf``, values enter cleaned with a per-row flag for
+visible non-finite ones, and the backward selects ``ds`` and multiplies by cleaned q / k.
 
 ``blockwise_attention`` has the arguments and semantics of :func:`attention_jax.dot_product_attention`
 (including ``bias`` and ``mask`` arrays, which are sliced per tile, and a gradient for ``bias``);
 ``blockwise_attention_reference`` is the plain algorithm with the same signature.
 
-``block_forward`` / ``block_backward`` expose one key block's partial result (float32 output and logsumexp, to be
-combined with other blocks' by the logsumexp rule) and that block's share of the gradients given the *global*
-logsumexp and ``delta``; ring attention (attention_jax/ring.py) composes them across devices.
+``block_forward`` / ``block_backward`` expose one key block's partial result (output and logsumexp in the compute
+dtype, to be combined with other blocks' by the logsumexp rule) and that block's share of the gradients given the
+*global* logsumexp and ``delta``; ring attention (attention_jax/ring.py) composes them across devices.
 """
 
 from __future__ import annotations
@@ -25,9 +33,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from attention_jax import _tiling, core
+
+
+def _positive_int(name: str, x) -> int:
+  if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x <= 0:
+    raise ValueError(f"{name} must be a positive int; got {name}={x!r}")
+  return int(x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,14 +52,26 @@ class ChunkSizes:
   key: int = 512
 
   def __post_init__(self):
-    if self.query <= 0 or self.key <= 0:
-      raise ValueError(f"chunk sizes must be positive; got {self}")
+    for name in ("query", "key"):
+      object.__setattr__(self, name, _positive_int(f"ChunkSizes.{name}", getattr(self, name)))
 
   @classmethod
   def get_default(cls) -> "ChunkSizes":
     # Measured on a 2-core CPU (experiments/scaling.py, docs/BENCHMARKS.md): 512 x 512 tiles are within a few
     # percent of the best of {256, 512, 1024}^2 for H = 64 and keep a tile at 1 MiB.
     return cls(512, 512)
+
+  @classmethod
+  def resolve(cls, chunk_sizes: "ChunkSizes | int | None") -> "ChunkSizes":
+    """``None`` -> the default; a positive int ``c`` -> ``ChunkSizes(c, c)``; anything else -> ``ValueError``."""
+    if chunk_sizes is None:
+      return cls.get_default()
+    if isinstance(chunk_sizes, cls):
+      return chunk_sizes
+    if isinstance(chunk_sizes, (int, np.integer)) and not isinstance(chunk_sizes, bool):
+      size = _positive_int("chunk_sizes", chunk_sizes)
+      return cls(size, size)
+    raise ValueError(f"chunk_sizes must be a blockwise.ChunkSizes, a positive int or None; got {chunk_sizes!r}")
 
 
 class _Config(NamedTuple):
@@ -57,7 +84,8 @@ class _Config(NamedTuple):
   S: int
   cq: int
   ck: int
-  mm_precision: Any    # matmul precision: HIGHEST for float32 inputs
+  mm_precision: Any    # matmul precision: HIGHEST for float32 / float64 inputs
+  compute_dtype: Any = np.dtype(np.float32)   # accumulators and softmax: promote_types(dtype, float32)
 
 
 class _Aux(NamedTuple):
@@ -67,6 +95,7 @@ class _Aux(NamedTuple):
   q_seg: jax.Array | None    # int32 [B, Tp]
   kv_seg: jax.Array | None   # int32 [B, Sp]
   mask: jax.Array | None     # bool [Bm, Nm, Tm, Sm], padded like bias
+  bias_visible: jax.Array | None = None   # bool, bias.shape: False where the bias is -inf (hides its key)
 
 
 def _static_float(name: str, x) -> float | None:
@@ -75,8 +104,8 @@ def _static_float(name: str, x) -> float | None:
   try:
     return float(x)
   except (TypeError, jax.errors.ConcretizationTypeError):
-    raise ValueError(f"{name} must be a Python/concrete number for the blockwise and Pallas paths; got {x!r}"
-                     ) from None
+    raise core.UnsupportedError(f"{name} must be a Python/concrete number for the blockwise and Pallas paths; "
+                                f"got {x!r}") from None
 
 
 def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
@@ -85,6 +114,16 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
   pad = [(0, 0)] * x.ndim
   pad[axis] = (0, size - x.shape[axis])
   return jnp.pad(x, pad, constant_values=value)
+
+
+def _bad_rows(x: jax.Array) -> jax.Array:
+  """``[..., D] -> [...]``: True where some element of the last axis is not finite."""
+  return ~jnp.all(jnp.isfinite(x), axis=-1)
+
+
+def _clean(x: jax.Array) -> jax.Array:
+  """Non-finite entries replaced by 0 with a select (hidden garbage never meets a multiply)."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
 def _tile(x: jax.Array, q0, cq: int, k0, ck: int) -> jax.Array:
@@ -104,29 +143,24 @@ def _heads5(x: jax.Array, K: int, G: int) -> jax.Array:
 
 
 def _mm(cfg: _Config, spec: str, a, b):
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=cfg.mm_precision)
+  return jnp.einsum(spec, a, b, preferred_element_type=cfg.compute_dtype, precision=cfg.mm_precision)
 
 
-def _tile_logits(cfg: _Config, q_i, k_j, bias, q0, k0):
-  """``[B, K, G, cq, ck]`` float32 logits of one tile (scaled, soft-capped, biased) and the pre-cap tanh.
-
-  ``q_i [B, K, G, cq, H]``, ``k_j [B, K, ck, H]``: head-major tiles, so the matmul is a plain batched
-  ``[G*cq, H] x [H, ck]`` (about twice as fast on CPU as contracting the [B, T, N, H] layout directly).
-  """
-  B, K, G, cq, H = q_i.shape
-  s = _mm(cfg, "bkmh,bksh->bkms", q_i.reshape(B, K, G * cq, H), k_j).reshape(B, K, G, cq, -1)
-  s = s * cfg.scale
-  tanh = None
-  if cfg.soft_cap is not None:
-    tanh = jnp.tanh(s / cfg.soft_cap)
-    s = cfg.soft_cap * tanh
-  if bias is not None:
-    s = s + _heads5(_tile(bias, q0, cfg.cq, k0, cfg.ck), K, G).astype(jnp.float32)
-  return s, tanh
+def _has_mask(cfg: _Config, aux: _Aux) -> bool:
+  """Whether tiles need a mask (static): some pair of real positions is hidden, or keys are padded."""
+  return bool(aux.kv_len is not None or cfg.S % cfg.ck or aux.q_len is not None or cfg.is_causal
+              or cfg.window is not None or aux.q_seg is not None or aux.mask is not None
+              or aux.bias_visible is not None)
 
 
 def _tile_mask(cfg: _Config, aux: _Aux, q0, k0, K: int, G: int):
-  """Bool mask broadcastable to ``[B, K, G, cq, ck]``, or None when the tile needs none."""
+  """Bool mask broadcastable to ``[B, K, G, cq, ck]``, or None when no tile needs one.
+
+  When any masking applies, padded query rows (``T`` rounded up to whole chunks) are hidden too, so that they
+  never add to dK / dV.
+  """
+  if not _has_mask(cfg, aux):
+    return None
   rows = (q0 + jnp.arange(cfg.cq, dtype=jnp.int32))[:, None]
   cols = (k0 + jnp.arange(cfg.ck, dtype=jnp.int32))[None, :]
   kv_limit = None
@@ -134,18 +168,46 @@ def _tile_mask(cfg: _Config, aux: _Aux, q0, k0, K: int, G: int):
     kv_limit = jnp.minimum(aux.kv_len, cfg.S)[:, None, None, None, None]
   elif cfg.S % cfg.ck:
     kv_limit = cfg.S
-  q_limit = None if aux.q_len is None else aux.q_len[:, None, None, None, None]
+  q_limit = None
+  if aux.q_len is not None:
+    q_limit = jnp.minimum(aux.q_len, cfg.T)[:, None, None, None, None]
+  elif cfg.T % cfg.cq:
+    q_limit = cfg.T
   mask = _tiling.position_mask(rows[None, None, None], cols[None, None, None], is_causal=cfg.is_causal,
                                window=cfg.window, kv_limit=kv_limit, q_limit=q_limit)
+  parts = [] if mask is None else [mask]
   if aux.q_seg is not None:
     q_seg = lax.dynamic_slice_in_dim(aux.q_seg, q0, cfg.cq, axis=1)
     kv_seg = lax.dynamic_slice_in_dim(aux.kv_seg, k0, cfg.ck, axis=1)
-    seg = (q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None]
-    mask = seg if mask is None else mask & seg
-  if aux.mask is not None:
-    user = _heads5(_tile(aux.mask, q0, cfg.cq, k0, cfg.ck), K, G)
-    mask = user if mask is None else mask & user
-  return mask
+    parts.append((q_seg[:, :, None] == kv_seg[:, None, :])[:, None, None])
+  for user in (aux.mask, aux.bias_visible):
+    if user is not None:
+      parts.append(_heads5(_tile(user, q0, cfg.cq, k0, cfg.ck), K, G))
+  return functools.reduce(jnp.logical_and, parts)
+
+
+def _tile_scores(cfg: _Config, aux: _Aux, q_i, k_j, bias, q0, k0, q_bad_i, k_bad_j):
+  """``(s, tanh, mask)`` of one tile: ``[B, K, G, cq, ck]`` logits (scaled, soft-capped, biased, ``-inf`` where
+  hidden) in the compute dtype, the soft-cap's tanh (or None) and the tile's mask (or None).
+
+  ``q_i [B, K, G, cq, H]``, ``k_j [B, K, ck, H]``: head-major tiles, so the matmul is a plain batched
+  ``[G*cq, H] x [H, ck]`` (about twice as fast on CPU as contracting the [B, T, N, H] layout directly).
+  ``q_bad_i [B, K, G, cq]`` / ``k_bad_j [B, K, ck]`` flag non-finite query / key rows: their logits are NaN (an Inf
+  could otherwise give a -inf logit and silently hide a key the row sees), then hidden pairs become -inf.
+  """
+  B, K, G, cq, H = q_i.shape
+  s = _mm(cfg, "bkmh,bksh->bkms", q_i.reshape(B, K, G * cq, H), k_j).reshape(B, K, G, cq, -1)
+  s = jnp.where(q_bad_i[..., None] | k_bad_j[:, :, None, None, :], jnp.nan, s * cfg.scale)
+  tanh = None
+  if cfg.soft_cap is not None:
+    tanh = jnp.tanh(s / cfg.soft_cap)
+    s = cfg.soft_cap * tanh
+  if bias is not None:
+    s = s + _heads5(_tile(bias, q0, cfg.cq, k0, cfg.ck), K, G).astype(s.dtype)
+  mask = _tile_mask(cfg, aux, q0, k0, K, G)
+  if mask is not None:
+    s = jnp.where(mask, s, -jnp.inf)     # a select: NaN/Inf logits at hidden pairs are dropped here
+  return s, tanh, mask
 
 
 def _limits(cfg: _Config, aux: _Aux):
@@ -155,7 +217,7 @@ def _limits(cfg: _Config, aux: _Aux):
 
 
 def _head_major(q, k, v):
-  """[B, Tp, N, H] -> [B, K, G, Tp, H]; [B, Sp, K, H] -> [B, K, Sp, H]."""
+  """[B, Tp, N, H] -> [B, K, G, Tp, H]; [B, Sp, K, H] -> [B, K, Sp, H] (v: [B, Sp, K, Hv] -> [B, K, Sp, Hv])."""
   B, Tp, N, H = q.shape
   K = k.shape[2]
   q_h = jnp.transpose(q.reshape(B, Tp, K, N // K, H), (0, 2, 3, 1, 4))
@@ -163,45 +225,57 @@ def _head_major(q, k, v):
 
 
 def _forward(cfg: _Config, q, k, v, bias, aux: _Aux, out_dtype=None):
+  """``(out [B, Tp, N, Hv] in out_dtype (default q's), lse [B, N, Tp] in the compute dtype, -inf: no key)``."""
   B, Tp, N, H = q.shape
-  K = k.shape[2]
+  K, Hv = v.shape[2:]
   G = N // K
+  cd = cfg.compute_dtype
+  masked = _has_mask(cfg, aux)
   q_h, k_h, v_h = _head_major(q, k, v)
+  q_bad, k_bad = _bad_rows(q_h), _bad_rows(k_h)
   kv_max, q_max = _limits(cfg, aux)
 
   def query_chunk(i):
     q0 = i * cfg.cq
     q_i = lax.dynamic_slice_in_dim(q_h, q0, cfg.cq, axis=3)
+    q_bad_i = lax.dynamic_slice_in_dim(q_bad, q0, cfg.cq, axis=3)
     lo, hi = _tiling.kv_block_range(q0, cfg.cq, cfg.ck, kv_len=kv_max, is_causal=cfg.is_causal,
                                     window=cfg.window, q_limit=q_max)
 
     def body(j, carry):
-      acc, m, l = carry
+      acc, m, l, bad = carry
       k0 = j * cfg.ck
       k_j = lax.dynamic_slice_in_dim(k_h, k0, cfg.ck, axis=2)
       v_j = lax.dynamic_slice_in_dim(v_h, k0, cfg.ck, axis=2)
-      s, _ = _tile_logits(cfg, q_i, k_j, bias, q0, k0)
-      mask = _tile_mask(cfg, aux, q0, k0, K, G)
-      if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
+      k_bad_j = lax.dynamic_slice_in_dim(k_bad, k0, cfg.ck, axis=2)
+      s, _, mask = _tile_scores(cfg, aux, q_i, k_j, bias, q0, k0, q_bad_i, k_bad_j)
       m_new = jnp.maximum(m, s.max(axis=-1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)      # rows that have seen no key yet
       p = jnp.exp(s - m_safe[..., None])
       correction = jnp.exp(m - m_safe)
       l = correction * l + p.sum(axis=-1)
+      if mask is not None:
+        # p is exactly 0 at hidden pairs, but 0 * NaN is NaN: clean the values and flag the rows that do see a
+        # non-finite one.
+        v_bad = _bad_rows(v_j)                                                   # [B, K, ck]
+        bad = bad | jnp.any(mask & v_bad[:, :, None, None, :], axis=-1)
+        v_j = _clean(v_j)
       pv = _mm(cfg, "bkms,bksh->bkmh", p.astype(v.dtype).reshape(B, K, G * cfg.cq, cfg.ck), v_j)
-      return correction[..., None] * acc + pv.reshape(acc.shape), m_new, l
+      return correction[..., None] * acc + pv.reshape(acc.shape), m_new, l, bad
 
-    init = (jnp.zeros((B, K, G, cfg.cq, H), jnp.float32), jnp.full((B, K, G, cfg.cq), -jnp.inf, jnp.float32),
-            jnp.zeros((B, K, G, cfg.cq), jnp.float32))
-    acc, m, l = lax.fori_loop(lo, hi, body, init)
-    seen = l > 0
-    out = acc / jnp.where(seen, l, 1.0)[..., None]
-    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), -jnp.inf)
+    init = (jnp.zeros((B, K, G, cfg.cq, Hv), cd), jnp.full((B, K, G, cfg.cq), -jnp.inf, cd),
+            jnp.zeros((B, K, G, cfg.cq), cd), jnp.zeros((B, K, G, cfg.cq), bool))
+    acc, m, l, bad = lax.fori_loop(lo, hi, body, init)
+    empty = l == 0                  # no visible key (a NaN sum is not empty: it propagates)
+    safe = jnp.where(empty, jnp.ones_like(l), l)
+    out = acc / safe[..., None]
+    if masked:
+      out = jnp.where(bad[..., None], jnp.nan, out)
+    lse = jnp.where(empty, -jnp.inf, m + jnp.log(safe))
     return out.astype(out_dtype or q.dtype), lse
 
-  out, lse = lax.map(query_chunk, jnp.arange(Tp // cfg.cq))   # [nq, B, K, G, cq, H], [nq, B, K, G, cq]
-  out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(B, Tp, N, H)
+  out, lse = lax.map(query_chunk, jnp.arange(Tp // cfg.cq))   # [nq, B, K, G, cq, Hv], [nq, B, K, G, cq]
+  out = jnp.transpose(out, (1, 0, 4, 2, 3, 5)).reshape(B, Tp, N, Hv)
   lse = jnp.moveaxis(lse, 0, 3).reshape(B, N, Tp)
   return out, lse
 
@@ -213,7 +287,10 @@ def _attention(cfg: _Config, q, k, v, bias, aux: _Aux):
 
 def _attention_fwd(cfg, q, k, v, bias, aux):
   out, lse = _forward(cfg, q, k, v, bias, aux)
-  return (out, lse), (q, k, v, bias, aux, out, lse)
+  # Residuals stay finite on valid inputs (jax.debug_infs checks them): rows with no key store 0, which the
+  # backward never needs (their logits are all -inf, so p = exp(-inf - 0) = 0).
+  lse_res = jnp.where(jnp.isneginf(lse), jnp.zeros_like(lse), lse)
+  return (out, lse), (q, k, v, bias, aux, out, lse_res)
 
 
 def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -222,24 +299,49 @@ def _reduce_to(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   return x.sum(axis=axes, keepdims=True) if axes else x
 
 
+_SECOND_ORDER_MESSAGE = (
+    "the blockwise attention backward pass cannot be differentiated again (second-order reverse mode, or forward "
+    "mode over a gradient): its loops have data-dependent bounds. Use implementation='reference' or 'xla' "
+    "(blockwise_attention_reference) for higher-order derivatives. dot_product_attention and blockwise_attention "
+    "switch to the reference by themselves when the higher-order differentiation is visible at the call; here the "
+    "first derivative was taken inside a separately jitted function.")
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
+def _first_order_backward(cfg: _Config, q, k, v, bias, aux: _Aux, out, lse, d_out, d_lse):
+  cd = cfg.compute_dtype
+  # delta_i = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
+  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(cd), out.astype(cd))
+  return _backward(cfg, q, k, v, bias, aux, d_out, lse, delta - d_lse.astype(cd))
+
+
+@_first_order_backward.defjvp
+def _first_order_backward_jvp(cfg, primals, tangents):
+  raise NotImplementedError(_SECOND_ORDER_MESSAGE)
+
+
 def _attention_bwd(cfg, res, cts):
   q, k, v, bias, aux, out, lse = res
   d_out, d_lse = cts
-  # delta_i = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
-  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  dq, dk, dv, dbias = _backward(cfg, q, k, v, bias, aux, d_out, lse, delta - d_lse.astype(jnp.float32))
+  dq, dk, dv, dbias = _first_order_backward(cfg, q, k, v, bias, aux, out, lse, d_out, d_lse)
   return dq, dk, dv, dbias, None
 
 
 def _backward(cfg: _Config, q, k, v, bias, aux: _Aux, d_out, lse, delta, grad_dtype=None):
-  """dq, dk, dv, dbias from the logsumexp ``lse`` and ``delta = rowsum(dO * O) [B, N, Tp]`` (both given)."""
+  """dq, dk, dv, dbias from the logsumexp ``lse`` and ``delta = rowsum(dO * O) [B, N, Tp]`` (both given).
+
+  ``lse`` may be ``-inf`` (or anything finite) on rows with no visible key: their probabilities are 0 either way.
+  """
   B, Tp, N, H = q.shape
-  Sp, K = k.shape[1:3]
+  Sp, K, Hv = v.shape[1:]
   G = N // K
+  cd = cfg.compute_dtype
   q_h, k_h, v_h = _head_major(q, k, v)
-  do_h = _head_major(d_out, k, v)[0]
-  delta = delta.reshape(B, K, G, Tp)
-  lse_b = jnp.where(jnp.isfinite(lse), lse, jnp.inf).reshape(B, K, G, Tp)   # rows with no key: P = 0
+  q_bad, k_bad = _bad_rows(q_h), _bad_rows(k_h)
+  do_h = _head_major(d_out, k, v)[0]                                        # [B, K, G, Tp, Hv]
+  delta = delta.astype(cd).reshape(B, K, G, Tp)
+  lse = lse.astype(cd)
+  lse_b = jnp.where(jnp.isneginf(lse), jnp.inf, lse).reshape(B, K, G, Tp)  # rows with no key: P = 0
   kv_max, q_max = _limits(cfg, aux)
   q_lim = cfg.T if q_max is None else jnp.minimum(q_max, cfg.T)
   M = G * cfg.cq
@@ -249,6 +351,7 @@ def _backward(cfg: _Config, q, k, v, bias, aux: _Aux, d_out, lse, delta, grad_dt
     k0 = j * cfg.ck
     k_j = lax.dynamic_slice_in_dim(k_h, k0, cfg.ck, axis=2)
     v_j = lax.dynamic_slice_in_dim(v_h, k0, cfg.ck, axis=2)
+    k_bad_j = lax.dynamic_slice_in_dim(k_bad, k0, cfg.ck, axis=2)
     lo, hi = _tiling.q_block_range(k0, cfg.ck, cfg.cq, q_len=q_lim, is_causal=cfg.is_causal, window=cfg.window,
                                    kv_limit=kv_max)
 
@@ -256,39 +359,48 @@ def _backward(cfg: _Config, q, k, v, bias, aux: _Aux, d_out, lse, delta, grad_dt
       dk, dv, dq, dbias = c
       q0 = i * cfg.cq
       q_i = lax.dynamic_slice_in_dim(q_h, q0, cfg.cq, axis=3)
-      do_i = lax.dynamic_slice_in_dim(do_h, q0, cfg.cq, axis=3).reshape(B, K, M, H)
+      do_i = lax.dynamic_slice_in_dim(do_h, q0, cfg.cq, axis=3).reshape(B, K, M, Hv)
       lse_i = lax.dynamic_slice_in_dim(lse_b, q0, cfg.cq, axis=3)
       delta_i = lax.dynamic_slice_in_dim(delta, q0, cfg.cq, axis=3)
-      s, tanh = _tile_logits(cfg, q_i, k_j, bias, q0, k0)
-      mask = _tile_mask(cfg, aux, q0, k0, K, G)
-      if mask is not None:
-        s = jnp.where(mask, s, -jnp.inf)
+      q_bad_i = lax.dynamic_slice_in_dim(q_bad, q0, cfg.cq, axis=3)
+      s, tanh, mask = _tile_scores(cfg, aux, q_i, k_j, bias, q0, k0, q_bad_i, k_bad_j)
       p = jnp.exp(s - lse_i[..., None])
-      dv = dv + _mm(cfg, "bkms,bkmh->bksh", p.astype(q.dtype).reshape(B, K, M, cfg.ck), do_i)
+      if mask is not None:
+        p = jnp.where(mask, p, 0.0)               # exp(-inf - lse) is NaN where a NaN query row's lse is NaN
+      dv = dv + _mm(cfg, "bkms,bkmh->bksh", p.astype(v.dtype).reshape(B, K, M, cfg.ck), do_i)
       dp = _mm(cfg, "bkmh,bksh->bkms", do_i, v_j).reshape(p.shape)
       ds = p * (dp - delta_i[..., None])          # d loss / d (final logits)
+      if mask is not None:
+        ds = jnp.where(mask, ds, 0.0)             # a NaN/Inf value or delta at a hidden pair stays there
       if dbias is not None:
         db = _reduce_to(ds.reshape(B, N, cfg.cq, cfg.ck), (dbias.shape[0], dbias.shape[1],
                                                           1 if dbias.shape[2] == 1 else cfg.cq,
                                                           1 if dbias.shape[3] == 1 else cfg.ck))
-        starts = (0, 0, 0 if dbias.shape[2] == 1 else q0, 0 if dbias.shape[3] == 1 else k0)
+        starts = tuple(jnp.asarray(x, jnp.int32) for x in (0, 0, 0 if dbias.shape[2] == 1 else q0,
+                                                             0 if dbias.shape[3] == 1 else k0))
         dbias = lax.dynamic_update_slice(dbias, lax.dynamic_slice(dbias, starts, db.shape) + db, starts)
       if tanh is not None:
         ds = ds * (1.0 - tanh * tanh)
+        if mask is not None:
+          ds = jnp.where(mask, ds, 0.0)           # tanh of a hidden non-finite logit
       ds = (ds * cfg.scale).astype(q.dtype).reshape(B, K, M, cfg.ck)
-      dk = dk + _mm(cfg, "bkms,bkmh->bksh", ds, q_i.reshape(B, K, M, H))
-      dq_i = _mm(cfg, "bkms,bksh->bkmh", ds, k_j).reshape(B, K, G, cfg.cq, H)
+      q_m = q_i.reshape(B, K, M, H)
+      k_m = k_j
+      if mask is not None:                        # ds is 0 at hidden pairs, but 0 * NaN is NaN
+        q_m, k_m = _clean(q_m), _clean(k_m)
+      dk = dk + _mm(cfg, "bkms,bkmh->bksh", ds, q_m)
+      dq_i = _mm(cfg, "bkms,bksh->bkmh", ds, k_m).reshape(B, K, G, cfg.cq, H)
       dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, q0, cfg.cq, axis=3) + dq_i, q0, axis=3)
       return dk, dv, dq, dbias
 
-    zeros = jnp.zeros((B, K, cfg.ck, H), jnp.float32)
-    dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, (zeros, zeros, dq, dbias))
+    dk, dv, dq, dbias = lax.fori_loop(lo, hi, body, (jnp.zeros((B, K, cfg.ck, H), cd),
+                                                     jnp.zeros((B, K, cfg.ck, Hv), cd), dq, dbias))
     dk_all = lax.dynamic_update_slice_in_dim(dk_all, dk.astype(dk_all.dtype), k0, axis=2)
     dv_all = lax.dynamic_update_slice_in_dim(dv_all, dv.astype(dv_all.dtype), k0, axis=2)
     return dq, dk_all, dv_all, dbias
 
-  init = (jnp.zeros((B, K, G, Tp, H), jnp.float32), jnp.zeros(k_h.shape, grad_dtype or k.dtype),
-          jnp.zeros(v_h.shape, grad_dtype or v.dtype), None if bias is None else jnp.zeros(bias.shape, jnp.float32))
+  init = (jnp.zeros((B, K, G, Tp, H), cd), jnp.zeros(k_h.shape, grad_dtype or k.dtype),
+          jnp.zeros(v_h.shape, grad_dtype or v.dtype), None if bias is None else jnp.zeros(bias.shape, cd))
   dq, dk, dv, dbias = lax.fori_loop(0, Sp // cfg.ck, key_chunk, init)
   dbias = None if bias is None else dbias.astype(bias.dtype)
   dq = jnp.transpose(dq, (0, 3, 1, 2, 4)).reshape(B, Tp, N, H).astype(grad_dtype or q.dtype)
@@ -298,17 +410,23 @@ def _backward(cfg: _Config, q, k, v, bias, aux: _Aux, d_out, lse, delta, grad_dt
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def _setup(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None):
-  """Static config and the inputs padded to whole chunks: ``(cfg, q, k, v, bias, aux)``."""
-  chunk_sizes = ChunkSizes.get_default() if chunk_sizes is None else chunk_sizes
+def _setup(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | None):
+  """Static config and the inputs padded to whole chunks: ``(cfg, q, k, v, bias, aux)``.
+
+  A ``-inf`` bias entry hides its key like a mask: it moves into ``aux.bias_visible`` and the bias keeps a 0 there
+  (finite custom-VJP residuals, and a select instead of ``-inf + NaN`` when q or k is not finite).
+  """
+  chunk_sizes = ChunkSizes.resolve(chunk_sizes)
   B, T, N, H = inp.query.shape
   S = inp.key.shape[1]
   cq, ck = min(chunk_sizes.query, T), min(chunk_sizes.key, S)
   Tp, Sp = _tiling.cdiv(T, cq) * cq, _tiling.cdiv(S, ck) * ck
+  dtype = inp.query.dtype
   cfg = _Config(scale=_static_float("scale", inp.scale),
                 soft_cap=_static_float("logits_soft_cap", inp.logits_soft_cap), is_causal=inp.is_causal,
                 window=inp.window, T=T, S=S, cq=cq, ck=ck,
-                mm_precision=lax.Precision.HIGHEST if inp.query.dtype == jnp.float32 else None)
+                mm_precision=lax.Precision.HIGHEST if dtype in (jnp.float32, jnp.float64) else None,
+                compute_dtype=np.dtype(core._compute_dtype(dtype)))
 
   def pad_rows_cols(x):
     if x is None:
@@ -319,21 +437,43 @@ def _setup(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None):
       x = _pad_axis(x, 3, Sp)
     return x
 
+  bias, bias_visible = inp.bias, None
+  if bias is not None:
+    hidden = jnp.isneginf(bias)
+    bias_visible = pad_rows_cols(~hidden)
+    bias = pad_rows_cols(jnp.where(hidden, jnp.zeros_like(bias), bias))
   aux = _Aux(inp.q_lengths, inp.kv_lengths,
              None if inp.q_segment_ids is None else _pad_axis(inp.q_segment_ids, 1, Tp, -1),
              None if inp.kv_segment_ids is None else _pad_axis(inp.kv_segment_ids, 1, Sp, -2),
-             pad_rows_cols(inp.mask))
+             pad_rows_cols(inp.mask), bias_visible)
   q = _pad_axis(inp.query, 1, Tp)
   k, v = _pad_axis(inp.key, 1, Sp), _pad_axis(inp.value, 1, Sp)
-  return cfg, q, k, v, pad_rows_cols(inp.bias), aux
+  return cfg, q, k, v, bias, aux
 
 
-def blockwise_core(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None = None
+def _is_empty(inp: core.AttentionInputs) -> bool:
+  B, T, N, _ = inp.query.shape
+  S, Hv = inp.value.shape[1], inp.value.shape[-1]
+  return 0 in (B, T, N, S, Hv)
+
+
+def _empty(inp: core.AttentionInputs, out_dtype) -> tuple[jax.Array, jax.Array]:
+  B, T, N, _ = inp.query.shape
+  cd = core._compute_dtype(inp.query.dtype)
+  return (jnp.zeros((B, T, N, inp.value.shape[-1]), out_dtype or inp.query.dtype),
+          jnp.full((B, N, T), -jnp.inf, cd))
+
+
+def blockwise_core(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | None = None
                    ) -> tuple[jax.Array, jax.Array]:
-  """Runs validated inputs through the blockwise algorithm: ``(output [B,T,N,H], lse [B,N,T])``.
+  """Runs validated inputs through the blockwise algorithm: ``(output [B,T,N,Hv], lse [B,N,T])``.
 
-  The logsumexp is differentiable here (its cotangent enters the backward); the public API stops it.
+  The internal logsumexp (compute dtype, ``-inf`` on rows with no key) is differentiable here (its cotangent
+  enters the backward); the public API stops it.
   """
+  ChunkSizes.resolve(chunk_sizes)
+  if _is_empty(inp):
+    return _empty(inp, None)
   cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
   out, lse = _attention(cfg, q, k, v, bias, aux)
   T = inp.query.shape[1]
@@ -345,70 +485,91 @@ def blockwise_core(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None = N
 # ----------------------------------------------------------------------------------------------------------
 
 
-def block_forward(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | None = None
+def block_forward(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | None = None
                   ) -> tuple[jax.Array, jax.Array]:
-  """Attention of ``inp``'s queries over only its keys: ``(out [B,T,N,H] float32, lse [B,N,T] float32)``.
+  """Attention of ``inp``'s queries over only its keys: ``(out [B,T,N,Hv], lse [B,N,T])`` in the compute dtype
+  (float32; float64 for float64 inputs), ``lse = -inf`` on rows with no key.
 
   A partial result: results over disjoint key sets combine with the logsumexp rule
   (``lse = logaddexp(lse_a, lse_b)``, ``out = exp(lse_a - lse) out_a + exp(lse_b - lse) out_b``). The output
-  stays float32 so that combining does not round. Plain forward, no custom gradient: pair it with
+  stays in the compute dtype so that combining does not round. Plain forward, no custom gradient: pair it with
   :func:`block_backward`.
   """
+  cd = core._compute_dtype(inp.query.dtype)
+  if _is_empty(inp):
+    return _empty(inp, cd)
   cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
-  out, lse = _forward(cfg, q, k, v, bias, aux, out_dtype=jnp.float32)
+  out, lse = _forward(cfg, q, k, v, bias, aux, out_dtype=cd)
   T = inp.query.shape[1]
   return out[:, :T], lse[:, :, :T]
 
 
 def block_backward(inp: core.AttentionInputs, d_out: jax.Array, lse: jax.Array, delta: jax.Array,
-                   chunk_sizes: ChunkSizes | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """This block's share of ``(dq, dk, dv)`` (float32) when its keys are part of a larger attention.
+                   chunk_sizes: ChunkSizes | int | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """This block's share of ``(dq, dk, dv)`` (compute dtype) when its keys are part of a larger attention.
 
-  ``lse [B, N, T]`` is the logsumexp of the *whole* attention (over every key block) and
-  ``delta [B, N, T] = rowsum(d_out * out)`` with the whole attention's output: then each tile's probabilities
-  ``exp(s - lse)`` are the global ones and the per-block gradients sum to the exact gradient. With this block's
-  own ``lse``/``delta`` it is the ordinary backward. ``inp`` may not carry a bias (its gradient is not returned).
+  ``lse [B, N, T]`` is the logsumexp of the *whole* attention (over every key block; ``-inf`` on rows with no
+  key) and ``delta [B, N, T] = rowsum(d_out * out)`` with the whole attention's output: then each tile's
+  probabilities ``exp(s - lse)`` are the global ones and the per-block gradients sum to the exact gradient. With
+  this block's own ``lse``/``delta`` it is the ordinary backward. ``inp`` may not carry a bias (its gradient is
+  not returned).
   """
   if inp.bias is not None:
     raise ValueError(f"block_backward does not return a bias gradient; got bias.shape={inp.bias.shape}")
+  cd = core._compute_dtype(inp.query.dtype)
+  if _is_empty(inp):
+    return (jnp.zeros(inp.query.shape, cd), jnp.zeros(inp.key.shape, cd), jnp.zeros(inp.value.shape, cd))
   cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
   Tp, T = q.shape[1], inp.query.shape[1]
   d_out = _pad_axis(d_out, 1, Tp)
-  lse = _pad_axis(lse.astype(jnp.float32), 2, Tp, -jnp.inf)
-  delta = _pad_axis(delta.astype(jnp.float32), 2, Tp)
-  dq, dk, dv, _ = _backward(cfg, q, k, v, bias, aux, d_out, lse, delta, grad_dtype=jnp.float32)
+  lse = _pad_axis(lse.astype(cd), 2, Tp, -jnp.inf)
+  delta = _pad_axis(delta.astype(cd), 2, Tp)
+  dq, dk, dv, _ = _backward(cfg, q, k, v, bias, aux, d_out, lse, delta, grad_dtype=cd)
   S = inp.key.shape[1]
   return dq[:, :T], dk[:, :S], dv[:, :S]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Public functions
+# ----------------------------------------------------------------------------------------------------------
 
 
 def blockwise_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
                         query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
                         q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                        chunk_sizes: ChunkSizes | None = None, return_residual: bool = False):
+                        chunk_sizes: ChunkSizes | int | None = None, return_residual: bool = False):
   """Memory-efficient attention; arguments and semantics of :func:`attention_jax.dot_product_attention`.
 
-  ``chunk_sizes`` sets the query / key tile lengths (default :meth:`ChunkSizes.get_default`). ``scale`` and
-  ``logits_soft_cap`` must be concrete numbers.
+  ``chunk_sizes`` sets the query / key tile lengths: a :class:`ChunkSizes`, a positive int (the same for both) or
+  None (:meth:`ChunkSizes.get_default`). ``scale`` and ``logits_soft_cap`` must be concrete numbers.
+  ``return_residual=True`` also returns the logsumexp as ``jax.nn`` does (``[*B, T, N]``, input dtype, no
+  gradient). Forward-mode and second-order derivatives are computed through the reference formula.
   """
+  chunk_sizes = ChunkSizes.resolve(chunk_sizes)
   inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
                             query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
                             local_window_size=local_window_size, q_segment_ids=q_segment_ids,
                             kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  out, lse = blockwise_core(inp, chunk_sizes)
-  return (out, lax.stop_gradient(lse)) if return_residual else out
+  return core.run_custom(blockwise_core, inp, options=(("chunk_sizes", chunk_sizes),),
+                         return_residual=return_residual)
+
+
+def _reference_core(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
+  return core.attention_core(inp, "reference")
 
 
 def blockwise_attention_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
                                   query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
                                   q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                                  chunk_sizes: ChunkSizes | None = None, return_residual: bool = False):
-  """The plain O(T x S) algorithm with :func:`blockwise_attention`'s signature (``chunk_sizes`` is ignored)."""
-  del chunk_sizes
-  return core.reference_attention(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-                                  query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                                  local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                                  kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap,
-                                  return_residual=return_residual)
+                                  chunk_sizes: ChunkSizes | int | None = None, return_residual: bool = False):
+  """The plain O(T x S) algorithm with :func:`blockwise_attention`'s signature (``chunk_sizes`` is checked, then
+  ignored). Differentiable to any order."""
+  ChunkSizes.resolve(chunk_sizes)
+  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
+                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
+                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
+                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
+  return core.run_custom(_reference_core, inp, return_residual=return_residual, custom_vjp=False)
 
 
 def _dispatch(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:

@@ -13,8 +13,8 @@ Semantics shared by every implementation (docs/DESIGN.md):
 * softmax and accumulation in float32 (float64 for float64 inputs); output in the input dtype;
 * a query row with no visible key returns zeros with finite gradients;
 * positions a query cannot see never influence it: a NaN or Inf in a hidden key, value or bias entry changes
-  neither that query's output nor any gradient flowing through it. Non-finite entries it *can* see propagate: a
-  non-finite value makes its output NaN, a non-finite query or key enters its logits as computed;
+  neither that query's output nor any gradient flowing through it. A non-finite query, key or value entry it *can*
+  see makes its output NaN;
 * ``return_residual=True`` also returns the logsumexp of the masked logits exactly as ``jax.nn`` does: shape
   ``query.shape[:-1]`` (``[B, T, N]``), the input dtype, no gradient. Rows with no visible key report the dtype's
   most negative finite value. Internally (ring merges, kernels) the logsumexp is a float32 ``[B, N, T]`` array with
@@ -68,6 +68,13 @@ def _compute_dtype(dtype: Any) -> Any:
 def _finite_rows(x: jax.Array) -> jax.Array:
   """``[..., D] -> [...]``: True where every element of the last axis is finite."""
   return jnp.all(jnp.isfinite(x), axis=-1)
+
+
+def nan_rows(x: jax.Array) -> jax.Array:
+  """Rows (last axis) holding a non-finite entry become all-NaN. Applied to queries and keys before a kernel, it
+  makes every logit such a row enters NaN, whatever the sign an Inf would give it: a query that sees a non-finite
+  query or key entry comes out NaN, as everywhere else in the library."""
+  return jnp.where(_finite_rows(x)[..., None], x, jnp.full_like(x, jnp.nan))
 
 
 def _clean(x: jax.Array) -> jax.Array:
@@ -421,19 +428,15 @@ def reference_core(inp: AttentionInputs, weights_fn: Callable[[jax.Array], jax.A
 
   ``weights_fn`` (e.g. attention dropout) transforms the weights before they multiply the values; the returned
   weights are the ones before it. Hidden non-finite entries never meet a multiply: q, k and v enter cleaned, a
-  non-finite q or k poisons exactly its visible logits, and rows that see a non-finite value become NaN.
+  non-finite q or k makes exactly the logits it touches NaN, and rows that see a non-finite value become NaN.
   """
   B, T, N, _ = inp.query.shape
   S, K, Hv = inp.value.shape[1:]
   visible = visible_mask(inp)
   logits = _logits(inp, _clean(inp.query), _clean(inp.key))
-  # The logits of pairs that a non-finite q or k touches are the raw ones (+-inf or NaN, as plain attention gives);
-  # no gradient flows through them, so a hidden one cannot leak through the masked softmax's zero cotangent.
   q_bad = jnp.transpose(~_finite_rows(inp.query), (0, 2, 1))[..., None]                 # [B, N, T, 1]
   k_bad = _per_query_head(~_finite_rows(inp.key), N)                                   # [B, N, 1, S]
-  raw = jax.lax.cond(jnp.any(q_bad) | jnp.any(k_bad),
-                     lambda: jax.lax.stop_gradient(_logits(inp, inp.query, inp.key)), lambda: logits)
-  logits = jnp.where(q_bad | k_bad, raw, logits)
+  logits = jnp.where(q_bad | k_bad, jnp.nan, logits)        # exactly the pairs a non-finite q or k touches
   if inp.bias is not None:
     logits = logits + inp.bias.astype(logits.dtype)
   weights_BNTS, lse_BNT = masked_softmax(logits, visible)

@@ -19,11 +19,13 @@ minus at most one contiguous excluded interval:
 
 From the intervals come the component's block layout (which ``[bq, bk]`` tiles hold a visible pair) and, per query
 block, the list of its key blocks padded to the longest list. A ``lax.scan`` over groups of query blocks gathers
-those key/value blocks, computes a float32 masked softmax over only those tiles and the weighted sum. No T x S array
-is formed: work and memory are proportional to the non-empty tiles. Components are merged exactly by their
-logsumexps (their key sets are disjoint). The backward is a ``jax.custom_vjp`` that keeps only q, k, v, the output
-and the logsumexp, recomputes each step's probabilities, writes dQ per query block and scatter-adds dK/dV into
-the gathered key blocks.
+those key/value blocks, computes a masked softmax over only those tiles and the weighted sum (in float32, float64
+for float64 inputs). No T x S array is formed: work and memory are proportional to the non-empty tiles. Components
+are merged exactly by their logsumexps (their key sets are disjoint). The backward is a ``jax.custom_vjp`` that
+keeps only q, k, v, the output and the logsumexp, recomputes each step's probabilities, writes dQ per query block
+and scatter-adds dK/dV into the gathered key blocks. Hidden pairs are removed with selects (logits, ``ds``) and
+values / q / k enter the products cleaned, so a NaN or Inf at a position the pattern hides from a query never
+reaches it, forward or backward.
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_jax import _tiling, core
+from attention_jax import _autodiff, _tiling, core
 from attention_jax.blockwise import _pad_axis, _static_float
 
 IMPLEMENTATIONS = ("gather", "dense")
@@ -429,43 +431,68 @@ class _Config(NamedTuple):
   has_exclusion: bool
   mm_precision: Any
   out_dtype: Any
+  compute_dtype: Any = np.dtype(np.float32)   # promote_types(input dtype, float32)
 
 
 def _mm(cfg: _Config, spec: str, a, b):
-  return jnp.einsum(spec, a, b, preferred_element_type=jnp.float32, precision=cfg.mm_precision)
+  return jnp.einsum(spec, a, b, preferred_element_type=cfg.compute_dtype, precision=cfg.mm_precision)
+
+
+def _bad_rows(x: jax.Array) -> jax.Array:
+  """``[..., D] -> [...]``: True where some element of the last axis is not finite."""
+  return ~jnp.all(jnp.isfinite(x), axis=-1)
+
+
+def _clean(x: jax.Array) -> jax.Array:
+  """Non-finite entries replaced by 0 with a select (hidden garbage never meets a multiply)."""
+  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
 def _gather_tiles(x_tiles, idx):
-  """``x_tiles [B, K, nk, bk, H]``, ``idx [P, maxk]`` -> ``[B, K, P, maxk * bk, H]``."""
-  B, K, _, bk, H = x_tiles.shape
+  """``x_tiles [B, K, nk, bk, D]``, ``idx [P, maxk]`` -> ``[B, K, P, maxk * bk, D]``."""
+  B, K, _, bk, D = x_tiles.shape
   P, maxk = idx.shape
-  return jnp.take(x_tiles, idx.reshape(-1), axis=2).reshape(B, K, P, maxk * bk, H)
+  return jnp.take(x_tiles, idx.reshape(-1), axis=2).reshape(B, K, P, maxk * bk, D)
 
 
 def _step_logits(cfg: _Config, q_s, k_g, t: _Tables, G: int):
-  """``s [B, K, P, G, bq, C]`` float32 scaled logits of one step, ``-inf`` where not visible (C = maxk * bk)."""
+  """``(s [B, K, P, G, bq, C], mask [P, bq, C])``: one step's scaled logits in the compute dtype, ``-inf`` (a
+  select) where not visible (C = maxk * bk). A non-finite query or key row makes its logits NaN (an Inf could give
+  a -inf logit and silently hide a key the row sees); hidden pairs then become -inf."""
   B, K, P, M, _ = q_s.shape
   bq = M // G
   s = _mm(cfg, "bkpmh,bkpch->bkpmc", q_s, k_g) * cfg.scale
+  bad = _bad_rows(q_s)[..., None] | _bad_rows(k_g)[:, :, :, None, :]                # [B, K, P, M, C]
+  s = jnp.where(bad, jnp.nan, s)
   cols = (t.idx[:, :, None] * cfg.bk + jnp.arange(cfg.bk, dtype=jnp.int32)[None, None, :]).reshape(P, 1, -1)
   ok = jnp.repeat(t.valid, cfg.bk, axis=1)[:, None, :]
   mask = ok & (cols >= t.lo[:, :, None]) & (cols <= t.hi[:, :, None])              # [P, bq, C]
   if cfg.has_exclusion:
     mask = mask & ~((cols >= t.ex_lo[:, :, None]) & (cols <= t.ex_hi[:, :, None]))
   s = s.reshape(B, K, P, G, bq, -1)
-  return jnp.where(mask[None, None, :, None], s, -jnp.inf)
+  return jnp.where(mask[None, None, :, None], s, -jnp.inf), mask
 
 
 def _forward(cfg: _Config, q_steps, k_tiles, v_tiles, tabs: _Tables):
-  """``q_steps [steps, B, K, P, G*bq, H]`` -> ``(out [steps, B, K, P, G*bq, H], lse [steps, B, K, P, G, bq])``."""
+  """``q_steps [steps, B, K, P, G*bq, H]`` -> ``(out [steps, B, K, P, G*bq, Hv], lse [steps, B, K, P, G, bq])``.
+
+  Gathered tiles hold keys some rows may not see (other rows' keys, padding slots): the values enter cleaned and
+  rows that see a non-finite value are set to NaN, so hidden garbage never meets a multiply.
+  """
   G = q_steps.shape[4] // tabs.lo.shape[2]
 
   def step(_, xs):
     q_s, t = xs
-    s = _step_logits(cfg, q_s, _gather_tiles(k_tiles, t.idx), t, G)
+    B, K, P, M, _ = q_s.shape
+    s, mask = _step_logits(cfg, q_s, _gather_tiles(k_tiles, t.idx), t, G)
     w, lse = core.masked_softmax(s)
-    w = w.reshape(*q_s.shape[:4], -1).astype(v_tiles.dtype)
-    out = _mm(cfg, "bkpmc,bkpch->bkpmh", w, _gather_tiles(v_tiles, t.idx))
+    w = w.reshape(B, K, P, M, -1).astype(v_tiles.dtype)
+    v_g = _gather_tiles(v_tiles, t.idx)                                           # [B, K, P, C, Hv]
+    v_bad = _bad_rows(v_g)                                                        # [B, K, P, C]
+    sees_bad = jnp.any(mask[None, None, :, None] & v_bad[:, :, :, None, None, :], axis=-1)   # [B, K, P, G, bq]
+    out = _mm(cfg, "bkpmc,bkpch->bkpmh", w, _clean(v_g))
+    sees_bad = jnp.broadcast_to(sees_bad, (B, K, P, G, M // G)).reshape(B, K, P, M)
+    out = jnp.where(sees_bad[..., None], jnp.nan, out)
     return None, (out.astype(cfg.out_dtype), lse)
 
   return lax.scan(step, None, (q_steps, tabs))[1]
@@ -478,7 +505,10 @@ def _kernel(cfg: _Config, q_steps, k_tiles, v_tiles, tabs: _Tables):
 
 def _kernel_fwd(cfg, q_steps, k_tiles, v_tiles, tabs):
   out, lse = _forward(cfg, q_steps, k_tiles, v_tiles, tabs)
-  return (out, lse), (q_steps, k_tiles, v_tiles, tabs, out, lse)
+  # Finite residuals on valid inputs (jax.debug_infs checks them): rows with no key store 0; their logits are all
+  # -inf, so the backward's p = exp(-inf - 0) = 0 all the same.
+  lse_res = jnp.where(jnp.isneginf(lse), jnp.zeros_like(lse), lse)
+  return (out, lse), (q_steps, k_tiles, v_tiles, tabs, out, lse_res)
 
 
 def _kernel_bwd(cfg, res, cts):
@@ -487,30 +517,35 @@ def _kernel_bwd(cfg, res, cts):
   steps, B, K, P, M, H = q_steps.shape
   G = M // tabs.lo.shape[2]
   dtype = q_steps.dtype
-  # delta = rowsum(dO * O) - d_lse (d lse / d s = P); rows with no key have P = 0 (lse = -inf -> +inf).
-  delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1).reshape(lse.shape)
-  delta = delta - d_lse.astype(jnp.float32)
-  lse = jnp.where(jnp.isfinite(lse), lse, jnp.inf)
+  cd = cfg.compute_dtype
+  # delta = rowsum(dO * O) - d_lse (d lse / d s = P).
+  delta = jnp.sum(d_out.astype(cd) * out.astype(cd), axis=-1).reshape(lse.shape)
+  delta = delta - d_lse.astype(cd)
+  lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(cd))
 
   def step(carry, xs):
     dk_acc, dv_acc = carry
     q_s, do_s, lse_s, delta_s, t = xs
     k_g, v_g = _gather_tiles(k_tiles, t.idx), _gather_tiles(v_tiles, t.idx)
-    s = _step_logits(cfg, q_s, k_g, t, G)
-    p = jnp.exp(s - lse_s[..., None])                                   # [B, K, P, G, bq, C]
+    s, mask = _step_logits(cfg, q_s, k_g, t, G)
+    # A select, not exp(-inf - lse) alone: that is NaN at hidden pairs of a row whose lse is NaN (a NaN query).
+    p = jnp.where(mask[None, None, :, None], jnp.exp(s - lse_s[..., None]), 0.0)     # [B, K, P, G, bq, C]
     do_s = do_s.astype(dtype)
     dv_g = _mm(cfg, "bkpmc,bkpmh->bkpch", p.reshape(B, K, P, M, -1).astype(dtype), do_s)
     dp = _mm(cfg, "bkpmh,bkpch->bkpmc", do_s, v_g).reshape(p.shape)
-    ds = (p * (dp - delta_s[..., None]) * cfg.scale).reshape(B, K, P, M, -1).astype(dtype)
-    dq_s = _mm(cfg, "bkpmc,bkpch->bkpmh", ds, k_g)
-    dk_g = _mm(cfg, "bkpmc,bkpmh->bkpch", ds, q_s)
+    # Selects, not multiplies by p = 0: a non-finite value (dp) or delta at a hidden pair stays there, and ds meets
+    # only cleaned q / k.
+    ds = jnp.where(mask[None, None, :, None], p * (dp - delta_s[..., None]), 0.0)
+    ds = (ds * cfg.scale).reshape(B, K, P, M, -1).astype(dtype)
+    dq_s = _mm(cfg, "bkpmc,bkpch->bkpmh", ds, _clean(k_g))
+    dk_g = _mm(cfg, "bkpmc,bkpmh->bkpch", ds, _clean(q_s))
     flat = t.idx.reshape(-1)
     dk_acc = dk_acc.at[:, :, flat].add(dk_g.reshape(dk_acc.shape[:2] + (-1,) + dk_acc.shape[3:]))
     dv_acc = dv_acc.at[:, :, flat].add(dv_g.reshape(dv_acc.shape[:2] + (-1,) + dv_acc.shape[3:]))
     return (dk_acc, dv_acc), dq_s.astype(dtype)
 
-  zeros = jnp.zeros(k_tiles.shape, jnp.float32)
-  (dk, dv), dq = lax.scan(step, (zeros, zeros), (q_steps, d_out, lse, delta, tabs))
+  init = (jnp.zeros(k_tiles.shape, cd), jnp.zeros(v_tiles.shape, cd))
+  (dk, dv), dq = lax.scan(step, init, (q_steps, d_out, lse, delta, tabs))
   return dq, dk.astype(k_tiles.dtype), dv.astype(v_tiles.dtype), None
 
 
@@ -518,9 +553,9 @@ _kernel.defvjp(_kernel_fwd, _kernel_bwd)
 
 
 def _run_plan(plan: _Plan, q, k, v, scale: float, out_dtype) -> tuple[jax.Array, jax.Array]:
-  """One component: ``(out [B, T, N, H] in out_dtype, lse [B, N, T])`` in original query order."""
+  """One component: ``(out [B, T, N, Hv] in out_dtype, lse [B, N, T])`` in original query order."""
   B, T, N, H = q.shape
-  K = k.shape[2]
+  K, Hv = v.shape[2:]
   G = N // K
   comp, bq, bk, P, steps = plan.comp, plan.bq, plan.bk, plan.P, plan.steps
   if comp.q_pos is not None:
@@ -533,29 +568,37 @@ def _run_plan(plan: _Plan, q, k, v, scale: float, out_dtype) -> tuple[jax.Array,
   q_steps = jnp.transpose(q_steps, (1, 0, 4, 2, 5, 3, 6)).reshape(steps, B, K, P, G * bq, H)
 
   def key_tiles(x):
-    x = _pad_axis(x, 1, plan.num_k_tiles * bk).reshape(B, plan.num_k_tiles, bk, K, H)
+    x = _pad_axis(x, 1, plan.num_k_tiles * bk).reshape(B, plan.num_k_tiles, bk, K, x.shape[-1])
     return jnp.transpose(x, (0, 3, 1, 2, 4))
 
   cfg = _Config(scale=scale, bk=bk, has_exclusion=comp.ex_lo is not None,
-                mm_precision=lax.Precision.HIGHEST if q.dtype == jnp.float32 else None, out_dtype=out_dtype)
+                mm_precision=lax.Precision.HIGHEST if q.dtype in (jnp.float32, jnp.float64) else None,
+                out_dtype=out_dtype, compute_dtype=np.dtype(core._compute_dtype(q.dtype)))
   tabs = _Tables(*(jnp.asarray(x) for x in plan.tables))
   out, lse = _kernel(cfg, q_steps, key_tiles(k), key_tiles(v), tabs)
-  out = jnp.transpose(out.reshape(steps, B, K, P, G, bq, H), (1, 0, 3, 5, 2, 4, 6)).reshape(B, Tp, N, H)
+  out = jnp.transpose(out.reshape(steps, B, K, P, G, bq, Hv), (1, 0, 3, 5, 2, 4, 6)).reshape(B, Tp, N, Hv)
   lse = jnp.transpose(lse, (1, 2, 4, 0, 3, 5)).reshape(B, N, Tp)
   if comp.q_pos is None:
     return out[:, :T], lse[:, :, :T]
   # Back to original rows; rows outside the component read padding row Tp (zeros, -inf).
   inverse = np.full(T, Tp, np.int32)
   inverse[comp.q_pos] = np.arange(plan.Tc, dtype=np.int32)
-  out = jnp.concatenate([out, jnp.zeros((B, 1, N, H), out.dtype)], axis=1)
+  out = jnp.concatenate([out, jnp.zeros((B, 1, N, Hv), out.dtype)], axis=1)
   lse = jnp.concatenate([lse, jnp.full((B, N, 1), -jnp.inf, lse.dtype)], axis=2)
   inverse = jnp.asarray(inverse)
   return jnp.take(out, inverse, axis=1), jnp.take(lse, inverse, axis=2)
 
 
 def _merge(parts: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
-  """Softmax over disjoint key sets from per-part ``(out [B,T,N,H] f32, lse [B,N,T])``; empty rows -> 0, -inf."""
+  """Softmax over disjoint key sets from per-part ``(out [B,T,N,Hv], lse [B,N,T])``; empty rows -> 0, -inf.
+
+  A part's NaN (or +inf) logsumexp means its output row is NaN already: it takes a finite stand-in weight, so the
+  row stays NaN while the merge's backward sends no NaN cotangent into the other parts (where it would reach the
+  keys that row cannot see); the merged logsumexp of such a row is NaN.
+  """
   lses = jnp.stack([lse for _, lse in parts])                         # [C, B, N, T]
+  poisoned = jnp.isnan(lses) | jnp.isposinf(lses)
+  lses = jnp.where(poisoned, jnp.zeros_like(lses), lses)
   m = lax.stop_gradient(jnp.max(lses, axis=0))
   m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
   w = jnp.exp(lses - m[None])
@@ -564,7 +607,8 @@ def _merge(parts: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Arr
   safe = jnp.where(has_key, denom, jnp.ones_like(denom))
   w_BTN = jnp.transpose(w / safe[None], (0, 1, 3, 2))                  # [C, B, T, N]
   out = functools.reduce(jnp.add, (w_BTN[c][..., None] * o for c, (o, _) in enumerate(parts)))
-  return out, jnp.where(has_key, m + jnp.log(safe), -jnp.inf)
+  lse = jnp.where(has_key, m + jnp.log(safe), -jnp.inf)
+  return out, jnp.where(jnp.any(poisoned, axis=0), jnp.nan, lse)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -579,16 +623,32 @@ def _check_pattern(pattern) -> Pattern:
   return pattern
 
 
-def _validate(query, key, value, pattern, block_size, implementation) -> tuple[core.AttentionInputs, str, int]:
-  inp = core.prepare_inputs(query, key, value)
+def _validate(query, key, value, pattern, block_size, implementation, is_causal, scale
+              ) -> tuple[core.AttentionInputs, str, int]:
+  inp = core.prepare_inputs(query, key, value, scale=scale, is_causal=is_causal)
   _check_pattern(pattern)
   block_size = _int_field("block_size", block_size, 1)
   if implementation is None or implementation == "auto":
     implementation = "gather"
-  if implementation not in IMPLEMENTATIONS:
+  if not isinstance(implementation, str) or implementation not in IMPLEMENTATIONS:
     raise ValueError(f"unknown implementation={implementation!r} for sparse_attention; choose one of "
                      f"{('auto',) + IMPLEMENTATIONS}")
   return inp, implementation, block_size
+
+
+def _sparse_core(inp: core.AttentionInputs, pattern: Pattern, block_size: int) -> tuple[jax.Array, jax.Array]:
+  """Validated, non-empty inputs through the block gather: ``(out [B,T,N,Hv], lse [B,N,T], -inf: no key)``."""
+  B, T, N, _ = inp.query.shape
+  S, Hv = inp.value.shape[1], inp.value.shape[-1]
+  cd = core._compute_dtype(inp.query.dtype)
+  scale = _static_float("scale", inp.scale)
+  plans = _plans(pattern, T, S, block_size, inp.is_causal, B * N)
+  if not plans:
+    return jnp.zeros((B, T, N, Hv), inp.query.dtype), jnp.full((B, N, T), -jnp.inf, cd)
+  if len(plans) == 1:
+    return _run_plan(plans[0], inp.query, inp.key, inp.value, scale, inp.query.dtype)
+  out, lse = _merge([_run_plan(p, inp.query, inp.key, inp.value, scale, cd) for p in plans])
+  return out.astype(inp.query.dtype), lse
 
 
 def sparse_attention(query, key, value, pattern: Pattern, *, is_causal: bool = False, block_size: int = 128,
@@ -597,43 +657,42 @@ def sparse_attention(query, key, value, pattern: Pattern, *, is_causal: bool = F
   """Softmax attention restricted to ``pattern``, computing only its non-empty ``block_size`` tiles.
 
   Args:
-    query: ``[B, T, N, H]``; key, value: ``[B, S, K, H]`` with ``N % K == 0`` (GQA; K/V are not repeated).
+    query: ``[*B, T, N, H]``; key: ``[*B, S, K, H]``; value: ``[*B, S, K, Hv]`` with ``N % K == 0`` (GQA; K/V are
+      not repeated). ``*B`` is zero or more batch dims; ``Hv`` may differ from H.
     pattern: a :class:`Pattern`; query i sees key j where ``pattern.dense_mask(T, S, is_causal=...)`` is True.
     is_causal: also require ``j <= i``.
-    block_size: query/key tile length (BigBird uses its own ``block``). T and S need not be multiples of it.
+    block_size: query/key tile length, a positive int (BigBird uses its own ``block``). T and S need not be
+      multiples of it.
     implementation: None/"auto" or "gather" (block gather, O(non-empty tiles)); "dense" (the dense masked
       reference, O(T x S)).
-    scale: logit scale, default ``1/sqrt(H)`` (a concrete number).
-    return_residual: also return the logsumexp ``[B, N, T]`` (float32, ``-inf`` on rows with no visible key).
+    scale: logit scale, default ``1/sqrt(H)`` (a concrete number for "gather").
+    return_residual: also return the logsumexp as ``jax.nn`` does: ``[*B, T, N]``, input dtype, no gradient;
+      rows with no visible key report the dtype's most negative finite value.
 
   Returns:
-    ``[B, T, N, H]`` in the input dtype (rows with no visible key are zeros), or ``(output, logsumexp)``.
+    ``[*B, T, N, Hv]`` in the input dtype (rows with no visible key are zeros), or ``(output, logsumexp)``.
+    A NaN/Inf at a position the pattern hides from a query never reaches that query, forward or backward.
+    Forward-mode and second-order derivatives are computed through :func:`sparse_attention_reference`.
   """
-  inp, implementation, block_size = _validate(query, key, value, pattern, block_size, implementation)
-  if implementation == "dense":
-    return sparse_attention_reference(query, key, value, pattern, is_causal=is_causal, scale=scale,
-                                      return_residual=return_residual)
-  B, T, N, H = inp.query.shape
-  S = inp.key.shape[1]
-  scale = _static_float("scale", inp.scale if scale is None else scale)
-  plans = _plans(pattern, T, S, block_size, bool(is_causal), B * N)
-  if not plans:
-    out = jnp.zeros_like(inp.query)
-    lse = jnp.full((B, N, T), -jnp.inf, jnp.float32)
-  elif len(plans) == 1:
-    out, lse = _run_plan(plans[0], inp.query, inp.key, inp.value, scale, inp.query.dtype)
-  else:
-    out, lse = _merge([_run_plan(p, inp.query, inp.key, inp.value, scale, jnp.float32) for p in plans])
-    out = out.astype(inp.query.dtype)
-  return (out, lax.stop_gradient(lse)) if return_residual else out
+  inp, implementation, block_size = _validate(query, key, value, pattern, block_size, implementation, is_causal,
+                                              scale)
+  if implementation == "dense" or _autodiff.needs_plain_path(inp.query, inp.key, inp.value):
+    # The dense formula: also what forward-mode / second-order differentiation needs (the gather's custom VJP
+    # cannot be differentiated in forward mode).
+    return sparse_attention_reference(query, key, value, pattern, is_causal=is_causal, block_size=block_size,
+                                      scale=scale, return_residual=return_residual)
+  return core.run_custom(_sparse_core, inp, options=(("pattern", pattern), ("block_size", block_size)),
+                         return_residual=return_residual, custom_vjp=False)
 
 
 def sparse_attention_reference(query, key, value, pattern: Pattern, *, is_causal: bool = False,
                                block_size: int = 128, implementation: str | None = None,
                                scale: float | None = None, return_residual: bool = False):
-  """Dense masked softmax with ``pattern.dense_mask`` (O(T x S)); :func:`sparse_attention`'s signature."""
-  inp, _, _ = _validate(query, key, value, pattern, block_size, implementation)
+  """Dense masked softmax with ``pattern.dense_mask`` (O(T x S)); :func:`sparse_attention`'s signature.
+
+  Differentiable to any order (forward mode, Hessians).
+  """
+  inp, _, _ = _validate(query, key, value, pattern, block_size, implementation, is_causal, scale)
   T, S = inp.query.shape[1], inp.key.shape[1]
-  mask = jnp.asarray(pattern.dense_mask(T, S, is_causal=is_causal))[None, None]
-  return core.reference_attention(inp.query, inp.key, inp.value, mask=mask, scale=scale,
-                                  return_residual=return_residual)
+  mask = None if 0 in (T, S) else jnp.asarray(pattern.dense_mask(T, S, is_causal=inp.is_causal))   # [T, S]
+  return core.reference_attention(query, key, value, mask=mask, scale=scale, return_residual=return_residual)

@@ -199,8 +199,18 @@ class AttentionSuite(parameterized.TestCase):
       assert_close(_as_f32(gq)[b, unseen, n // G], _as_f32(g)[b, unseen, n // G], dtype, kind="grad",
                    err_msg=f"{name} of keys hidden from the NaN query row")
 
-    # A NaN value at one key that some queries see: exactly those rows become non-finite.
     seen = np.argwhere(seen_by_head.any(0).any(0))[:, 0]
+    # An Inf key entry that some queries see, placed so that q.k would be -inf for every query: it must not hide
+    # the key silently; exactly the rows that see it become non-finite.
+    j_inf = int(seen[len(seen) // 3])
+    q_neg = q.at[..., 0].set(-jnp.abs(q[..., 0]) - 0.5)
+    out_neg = _as_f32(self.attention(q_neg, k, v, **opts)[0])
+    out_inf = _as_f32(self.attention(q_neg, k.at[:, j_inf, :, 0].set(jnp.inf), v, **opts)[0])
+    sees_inf = np.transpose(visible[..., j_inf], (0, 2, 1))
+    self.assertFalse(np.isfinite(out_inf[sees_inf]).any(), "rows that see an Inf key must not be finite")
+    assert_close(out_inf[~sees_inf], out_neg[~sees_inf], dtype, err_msg="rows that do not see the Inf key")
+
+    # A NaN value at one key that some queries see: exactly those rows become non-finite.
     j = int(seen[len(seen) // 2])
     v_nan = v.at[:, j].set(jnp.nan)
     out_nan = _as_f32(self.attention(q, k, v_nan, **opts)[0])

@@ -6,10 +6,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.test_util import check_grads
 
 import attention_jax as aj
 from attention_jax import sparse
 from tests.helpers import assert_close, np_softmax_attention, randn
+
+
+def enable_x64():
+  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 def grid(*rows: str) -> np.ndarray:
@@ -166,7 +171,8 @@ SHAPES = {
 def _inputs(shape, dtype, seed=0):
   r = np.random.default_rng(seed)
   B, T, S, N, K, H = (shape[k] for k in "BTSNKH")
-  return randn(r, (B, T, N, H), dtype), randn(r, (B, S, K, H), dtype), randn(r, (B, S, K, H), dtype)
+  Hv = shape.get("Hv", H)
+  return randn(r, (B, T, N, H), dtype), randn(r, (B, S, K, H), dtype), randn(r, (B, S, K, Hv), dtype)
 
 
 def _outputs_and_grads(fn, pattern, q, k, v, ct, **opts):
@@ -179,21 +185,25 @@ def _outputs_and_grads(fn, pattern, q, k, v, ct, **opts):
 
 
 def check_against_reference(pattern, q, k, v, *, is_causal, block_size=8):
-  """Output, logsumexp, zeros on empty rows, and dq/dk/dv against sparse_attention_reference."""
+  """Output, public residual (jax.nn's [B, T, N] logsumexp in the input dtype; rows with no visible key: zeros and
+  the dtype's most negative value), and dq/dk/dv against sparse_attention_reference."""
   dtype = q.dtype
-  ct = randn(np.random.default_rng(7), q.shape, dtype)
+  B, T, N = q.shape[:3]
+  S = k.shape[1]
+  ct = randn(np.random.default_rng(7), q.shape[:-1] + v.shape[-1:], dtype)
   opts = dict(is_causal=is_causal, block_size=block_size)
   out, lse, got = _outputs_and_grads(sparse.sparse_attention, pattern, q, k, v, ct, **opts)
   want, want_lse, exp = _outputs_and_grads(sparse.sparse_attention_reference, pattern, q, k, v, ct, **opts)
-  chex.assert_shape(out, q.shape)
-  assert out.dtype == dtype and lse.dtype == jnp.float32
+  chex.assert_shape((out, lse), (q.shape[:-1] + v.shape[-1:], (B, T, N)))
+  assert out.dtype == dtype and lse.dtype == dtype
   assert_close(out, want, dtype, err_msg="output")
-  np.testing.assert_array_equal(np.isinf(lse), np.isinf(want_lse), err_msg="rows with no visible key")
-  finite = np.isfinite(np.asarray(want_lse))
-  assert_close(np.asarray(lse)[finite], np.asarray(want_lse)[finite], jnp.float32 if dtype == jnp.float32
-               else dtype, err_msg="logsumexp")
-  dead_BTN = ~np.transpose(finite, (0, 2, 1))
-  np.testing.assert_array_equal(np.asarray(out, np.float32)[dead_BTN], 0.0)
+  dead = np.broadcast_to(~pattern.dense_mask(T, S, is_causal=is_causal).any(1)[None, :, None], (B, T, N))
+  no_key = np.float32(jnp.finfo(dtype).min)
+  as_f32 = lambda x: np.asarray(x, np.float32)
+  np.testing.assert_array_equal(as_f32(want_lse)[dead], no_key, err_msg="reference residual of empty rows")
+  np.testing.assert_array_equal(as_f32(lse)[dead], no_key, err_msg="residual of rows with no visible key")
+  np.testing.assert_array_equal(as_f32(out)[dead], 0.0, err_msg="rows with no visible key")
+  assert_close(as_f32(lse)[~dead], as_f32(want_lse)[~dead], dtype, err_msg="residual (logsumexp)")
   chex.assert_tree_all_finite(got)
   for name, g, w in zip(("dq", "dk", "dv"), got, exp):
     assert g.dtype == dtype
@@ -217,14 +227,40 @@ def test_bfloat16_matches_reference(name):
 
 
 @pytest.mark.parametrize("name,is_causal", [("strided", True), ("fixed", False), ("global", True)])
-def test_float64_numpy_oracle(name, is_causal):
+def test_float32_numpy_oracle(name, is_causal):
   """Against the float64 NumPy oracle of tests/helpers.py with the test's own mask (default block size)."""
   q, k, v = _inputs(SHAPES["t29_s50_mqa"], jnp.float32, seed=3)
   out, lse = jax.jit(lambda q, k, v: sparse.sparse_attention(q, k, v, PATTERNS[name], is_causal=is_causal,
                                                               return_residual=True))(q, k, v)
   want, want_lse = np_softmax_attention(q, k, v, mask=_paper_mask(name, 29, 50, is_causal)[None, None])
   assert_close(out, want)
-  np.testing.assert_allclose(np.asarray(lse), want_lse, rtol=2e-5, atol=2e-5)
+  assert_close(lse, want_lse.transpose(0, 2, 1))
+
+
+@pytest.mark.parametrize("name,is_causal", [("strided", True), ("bigbird", True),
+                                             pytest.param("global", False, marks=pytest.mark.slow)])
+def test_float64_end_to_end(name, is_causal):
+  """float64 inputs compute in float64: ~1e-12 against the NumPy oracle (a float32 step would miss by ~1e-7), and
+  float64 gradients against the reference formula."""
+  with enable_x64():
+    q, k, v = _inputs(SHAPES["t29_s50_mqa"], jnp.float64, seed=4)
+    f = lambda q, k, v: sparse.sparse_attention(q, k, v, PATTERNS[name], is_causal=is_causal, block_size=8,
+                                                return_residual=True)
+    out, lse = f(q, k, v)
+    mask = PATTERNS[name].dense_mask(29, 50, is_causal=is_causal)
+    if name != "bigbird":
+      np.testing.assert_array_equal(mask, _paper_mask(name, 29, 50, is_causal))
+    want, want_lse = np_softmax_attention(q, k, v, mask=mask[None, None])
+    assert out.dtype == lse.dtype == jnp.float64
+    np.testing.assert_allclose(out, want, atol=1e-12, rtol=1e-12)
+    np.testing.assert_allclose(lse, want_lse.transpose(0, 2, 1), atol=1e-12, rtol=1e-12)
+    ct = randn(np.random.default_rng(5), out.shape, jnp.float64)
+    loss = lambda fn: lambda q, k, v: (fn(q, k, v, PATTERNS[name], is_causal=is_causal, block_size=8) * ct).sum()
+    got = jax.grad(loss(sparse.sparse_attention), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(loss(sparse.sparse_attention_reference), argnums=(0, 1, 2))(q, k, v)
+    for g, w in zip(got, ref):
+      assert g.dtype == jnp.float64
+      assert_close(g, w, jnp.float64, kind="grad")
 
 
 @pytest.mark.parametrize("pattern,block_size", [
@@ -245,12 +281,14 @@ def test_rows_without_keys(dtype):
   if dtype == jnp.float32:
     check_against_reference(sparse.GlobalTokensPattern(1, (3,)), q, k[:, :2], v[:, :2], is_causal=False)  # 4..
   out, lse = sparse.sparse_attention(q, k, v, sparse.LocalPattern(2), block_size=4, return_residual=True)
+  no_key = np.float32(jnp.finfo(dtype).min)
   np.testing.assert_array_equal(np.asarray(out[:, 6:], np.float32), 0.0)
-  assert np.isneginf(np.asarray(lse[:, :, 6:])).all() and np.isfinite(np.asarray(lse[:, :, :6])).all()
+  np.testing.assert_array_equal(np.asarray(lse[:, 6:], np.float32), no_key)
+  assert np.isfinite(np.asarray(lse[:, :6], np.float32)).all() and (np.asarray(lse[:, :6], np.float32) > no_key).all()
   # No keys at all.
   out, lse = sparse.sparse_attention(q, k[:, :0], v[:, :0], sparse.StridedPattern(3), return_residual=True)
   np.testing.assert_array_equal(np.asarray(out, np.float32), 0.0)
-  assert np.isneginf(np.asarray(lse)).all()
+  np.testing.assert_array_equal(np.asarray(lse, np.float32), no_key)
 
 
 @pytest.mark.parametrize("name", list(PATTERNS))
@@ -289,11 +327,186 @@ def test_jit_vmap_and_dispatch():
     assert_close(other, dense)
 
 
+# ----------------------------------------------------------------------------------------------------------
+# Value head dim, batch dims, zero-size inputs
+# ----------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name,is_causal", [("strided", True), ("global", False)])
+def test_value_head_dim_differs(name, is_causal):
+  q, k, v = _inputs(dict(B=2, T=29, S=37, N=4, K=2, H=16, Hv=24), jnp.float32, seed=6)
+  check_against_reference(PATTERNS[name], q, k, v, is_causal=is_causal)
+
+
+def test_rank3_and_extra_batch_dims():
+  r = np.random.default_rng(10)
+  q, k, v = randn(r, (2, 3, 20, 4, 8)), randn(r, (2, 3, 26, 2, 8)), randn(r, (2, 3, 26, 2, 5))
+  pattern = sparse.StridedPattern(3)
+  out, lse = sparse.sparse_attention(q, k, v, pattern, is_causal=True, block_size=4, return_residual=True)
+  chex.assert_shape((out, lse), ((2, 3, 20, 4, 5), (2, 3, 20, 4)))
+  mask = pattern.dense_mask(20, 26, is_causal=True)[None, None]
+  for i in range(2):
+    for j in range(3):
+      want, want_lse = np_softmax_attention(q[i, j][None], k[i, j][None], v[i, j][None], mask=mask)
+      assert_close(out[i, j], want[0])
+      assert_close(lse[i, j], want_lse[0].T)
+  out3 = sparse.sparse_attention(q[1, 2], k[1, 2], v[1, 2], pattern, is_causal=True, block_size=4)
+  chex.assert_shape(out3, (20, 4, 5))
+  assert_close(out3, out[1, 2])
+
+
+@pytest.mark.parametrize("implementation", ["gather", "dense"])
+@pytest.mark.parametrize("name", ["B=0", "T=0", "S=0", "Hv=0", "rank3_S=0"])
+def test_zero_size_inputs(name, implementation):
+  q, k, v = _inputs(dict(B=2, T=9, S=11, N=4, K=2, H=8), jnp.float32, seed=11)
+  a, b, c = {"B=0": (q[:0], k[:0], v[:0]), "T=0": (q[:, :0], k, v), "S=0": (q, k[:, :0], v[:, :0]),
+             "Hv=0": (q, k, v[..., :0]), "rank3_S=0": (q[0], k[0, :0], v[0, :0])}[name]
+  f = lambda a, b, c: sparse.sparse_attention(a, b, c, sparse.StridedPattern(3), is_causal=True, block_size=4,
+                                              implementation=implementation, return_residual=True)
+  out, lse = f(a, b, c)
+  chex.assert_shape((out, lse), (a.shape[:-1] + c.shape[-1:], a.shape[:-1]))
+  np.testing.assert_array_equal(out, 0.0)
+  np.testing.assert_array_equal(lse, jnp.finfo(jnp.float32).min)
+  grads = jax.grad(lambda *x: f(*x)[0].sum(), argnums=(0, 1, 2))(a, b, c)
+  for g, x in zip(grads, (a, b, c)):
+    chex.assert_shape(g, x.shape)
+    np.testing.assert_array_equal(g, 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Garbage at positions the pattern hides never reaches a query
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _garbage_like(x: jax.Array, where_T: np.ndarray) -> jax.Array:
+  """``x [B, L, K, D]`` with alternating NaN / Inf on the positions ``where_T [L]``."""
+  junk = np.where(np.arange(x.size).reshape(x.shape) % 2, np.nan, np.inf)
+  return jnp.where(jnp.asarray(where_T)[None, :, None, None], jnp.asarray(junk, x.dtype), x)
+
+
+@pytest.mark.parametrize("name,T,S,is_causal", [
+    ("local", 37, 20, False),       # queries 25.. see nothing
+    ("strided", 20, 33, True),      # keys 20.. are seen by no query (causal)
+    ("fixed", 20, 33, True),
+    ("global", 20, 33, True),
+    ("bigbird", 20, 33, True)])
+def test_garbage_the_pattern_hides_never_leaks(name, T, S, is_causal):
+  pattern = PATTERNS[name]
+  q, k, v = _inputs(dict(B=2, T=T, S=S, N=4, K=2, H=16, Hv=8), jnp.float32, seed=12)
+  visible = pattern.dense_mask(T, S, is_causal=is_causal)                # [T, S], the definition
+  hidden_kv, dead_q = ~visible.any(0), ~visible.any(1)
+  assert hidden_kv.any() or dead_q.any()
+  ct = randn(np.random.default_rng(13), q.shape[:-1] + v.shape[-1:])
+  f = lambda q, k, v: sparse.sparse_attention(q, k, v, pattern, is_causal=is_causal, block_size=8)
+
+  @jax.jit
+  def run(q, k, v):
+    def loss(q, k, v):
+      out = f(q, k, v)
+      return jnp.where(jnp.isfinite(out), out * ct, 0.0).sum(), out
+    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return out, grads
+
+  out, grads = run(q, k, v)
+  out_p, grads_p = run(_garbage_like(q, dead_q), _garbage_like(k, hidden_kv), _garbage_like(v, hidden_kv))
+  assert_close(out_p, out, err_msg="output with garbage at hidden positions")
+  for g_name, g, gp, hidden in zip(("dq", "dk", "dv"), grads, grads_p, (dead_q, hidden_kv, hidden_kv)):
+    assert_close(gp, g, kind="grad", err_msg=f"{g_name} with garbage at hidden positions")
+    np.testing.assert_array_equal(np.asarray(gp)[:, hidden], 0.0, err_msg=f"{g_name} at hidden positions")
+  # A NaN query row that sees some keys but not all: only that row turns non-finite, and the gradients of the keys
+  # hidden from it and of the other rows stay those of the clean run.
+  i = int(np.flatnonzero(visible.any(1) & ~visible.all(1))[0])
+  out_q, grads_q = run(q.at[1, i, 3].set(jnp.nan), k, v)
+  row = np.zeros(out.shape[:3], bool)
+  row[1, i, 3] = True
+  assert not np.isfinite(np.asarray(out_q)[row]).any(), "a NaN query row must not be finite"
+  assert_close(np.asarray(out_q)[~row], np.asarray(out)[~row], err_msg="rows other than the NaN query row")
+  assert_close(np.asarray(grads_q[0])[~row], np.asarray(grads[0])[~row], kind="grad", err_msg="dq, other rows")
+  unseen = ~visible[i]
+  for g_name, g, gq in zip(("dk", "dv"), grads[1:], grads_q[1:]):
+    assert_close(np.asarray(gq)[1, unseen, 1], np.asarray(g)[1, unseen, 1], kind="grad",
+                 err_msg=f"{g_name} of keys hidden from the NaN query row")
+  # A NaN value, or key, at one key some queries see: exactly those queries' outputs become non-finite.
+  seen = np.flatnonzero(visible.any(0))
+  j = int(seen[len(seen) // 2])
+  sees_j = visible[:, j]
+  assert sees_j.any() and (~sees_j).any()
+  for v_j, k_j in ((v.at[:, j].set(jnp.nan), k), (v, k.at[:, j, 0, 3].set(jnp.inf))):
+    out_nan = np.asarray(f(q, k_j, v_j))
+    assert not np.isfinite(out_nan[:, sees_j, :2]).any(), "rows that see the NaN must not be finite"
+    assert_close(out_nan[:, ~sees_j], out[:, ~sees_j], err_msg="rows that do not see the NaN")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Forward mode, second order, jax.debug_infs / debug_nans
+# ----------------------------------------------------------------------------------------------------------
+
+TINY_PATTERNS = {"strided": sparse.StridedPattern(3), "global": sparse.GlobalTokensPattern(1, (0, 5))}
+
+
+@pytest.mark.parametrize("name", ["global", pytest.param("strided", marks=pytest.mark.slow)])
+def test_forward_mode_and_second_order_match_the_reference(name):
+  """jvp / jacfwd / Hessian-vector / grad-of-grad run through the reference formula (the gather's custom VJP has
+  no forward mode): same values as differentiating sparse_attention_reference."""
+  with enable_x64():
+    q, k, v = _inputs(dict(B=1, T=7, S=9, N=2, K=1, H=4, Hv=3), jnp.float64, seed=14)
+    opts = dict(is_causal=True, block_size=2)
+    f = lambda q, k, v: sparse.sparse_attention(q, k, v, TINY_PATTERNS[name], **opts)
+    ref = lambda q, k, v: sparse.sparse_attention_reference(q, k, v, TINY_PATTERNS[name], **opts)
+    check_grads(f, (q, k, v), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+    tangents = tuple(randn(np.random.default_rng(i), x.shape, jnp.float64) for i, x in enumerate((q, k, v)))
+    assert_close(jax.jvp(f, (q, k, v), tangents)[1], jax.jvp(ref, (q, k, v), tangents)[1], jnp.float64)
+    assert_close(jax.jacfwd(f, argnums=1)(q, k, v), jax.jacfwd(ref, argnums=1)(q, k, v), jnp.float64)
+    loss = lambda fn: lambda q: (fn(q, k, v) ** 2).sum()
+    hvp = lambda fn: jax.jvp(jax.grad(loss(fn)), (q,), (tangents[0],))[1]
+    assert_close(hvp(f), hvp(ref), jnp.float64, kind="grad")
+    gg = lambda fn: jax.grad(lambda q: jnp.sin(jax.grad(loss(fn))(q)).sum())(q)
+    assert_close(gg(f), gg(ref), jnp.float64, kind="grad")
+    # A gradient taken inside a separately jitted function, differentiated again from outside: the gather's
+    # backward (a scan) is itself differentiable.
+    inner = lambda fn: jax.jit(jax.grad(loss(fn)))
+    assert_close(jax.grad(lambda q: jnp.sin(inner(f)(q)).sum())(q),
+                 jax.grad(lambda q: jnp.sin(inner(ref)(q)).sum())(q), jnp.float64, kind="grad")
+
+
+@pytest.mark.parametrize("jit", [False, True])
+def test_debug_infs_and_nans_stay_silent(jit):
+  """Rows with no visible key (queries 25.. below) keep -inf internal: outputs, residuals and gradients are finite
+  under jax.debug_infs / jax.debug_nans, for one component and for merged components."""
+  q, k, v = _inputs(dict(B=2, T=37, S=20, N=2, K=1, H=8, Hv=6), jnp.float32, seed=15)
+  for pattern in (sparse.LocalPattern(2), sparse.GlobalTokensPattern(1, (30,))):
+    f = lambda q, k, v: sparse.sparse_attention(q, k, v, pattern, block_size=8, return_residual=True)
+    g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2))
+    if jit:
+      f, g = jax.jit(f), jax.jit(g)
+    with jax.debug_infs(True), jax.debug_nans(True):
+      results = (f(q, k, v), g(q, k, v))
+    chex.assert_tree_all_finite(results)
+    np.testing.assert_array_equal(results[0][0][:, 25], 0.0)
+
+
 def test_bad_input_raises():
   q, k, v = _inputs(SHAPES["t45_gqa"], jnp.float32)
   p = sparse.LocalPattern(3)
-  with pytest.raises(ValueError, match="rank 4"):
-    sparse.sparse_attention(q[0], k[0], v[0], p)
+  with pytest.raises(ValueError, match="same rank"):
+    sparse.sparse_attention(q[0, 0], k[0, 0], v[0, 0], p)
+  with pytest.raises(ValueError, match="same rank"):
+    sparse.sparse_attention(q, k[0], v[0], p)
+  with pytest.raises(ValueError, match="head dims differ"):
+    sparse.sparse_attention(q, k[..., :8], v, p)
+  with pytest.raises(ValueError, match="floating point"):
+    sparse.sparse_attention(q.astype(jnp.int32), k.astype(jnp.int32), v.astype(jnp.int32), p)
+  for bad in (0, -3, 2.5, True, "8", None):
+    with pytest.raises(ValueError, match="block_size must be an int >= 1"):
+      sparse.sparse_attention(q, k, v, p, block_size=bad)
+    with pytest.raises(ValueError, match="block_size must be an int >= 1"):
+      sparse.sparse_attention_reference(q, k, v, p, block_size=bad)
+  with pytest.raises(ValueError, match="is_causal must be a Python bool"):
+    sparse.sparse_attention(q, k, v, p, is_causal="yes")
+  with pytest.raises(ValueError, match="scale must be finite"):
+    sparse.sparse_attention(q, k, v, p, scale=float("nan"))
+  with pytest.raises(ValueError, match="scale must be a Python/concrete number"):
+    jax.jit(lambda s: sparse.sparse_attention(q, k, v, p, scale=s))(0.5)
   with pytest.raises(ValueError, match="multiple of key/value heads"):
     sparse.sparse_attention(q[:, :, :3], k, v, p)
   with pytest.raises(ValueError, match="batch sizes differ"):
@@ -312,7 +525,14 @@ def test_bad_input_raises():
                       (lambda: sparse.BigBirdPattern(window_blocks=2), "odd"),
                       (lambda: sparse.BigBirdPattern(block=0), "block"),
                       (lambda: sparse.GlobalTokensPattern(2, (-1,)), "global token"),
-                      (lambda: sparse.GlobalTokensPattern(2, 3), "global_tokens")):
+                      (lambda: sparse.GlobalTokensPattern(2, 3), "global_tokens"),
+                      (lambda: sparse.LocalPattern("3"), "window"), (lambda: sparse.StridedPattern(2.0), "stride"),
+                      (lambda: sparse.StridedPattern(True), "stride"),
+                      (lambda: sparse.FixedPattern(4, -1), "num_global"),
+                      (lambda: sparse.BigBirdPattern(random_blocks=-1), "random_blocks"),
+                      (lambda: sparse.BigBirdPattern(seed=1.5), "seed"),
+                      (lambda: sparse.GlobalTokensPattern(-1), "window"),
+                      (lambda: sparse.GlobalTokensPattern(1, (2.5,)), "global token")):
     with pytest.raises(ValueError, match=match):
       make()
 

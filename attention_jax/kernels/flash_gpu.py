@@ -741,7 +741,9 @@ def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | None =
                 mask_dims=_dense_dims(inp.mask), bias_dims=_dense_dims(inp.bias), blocks=blocks,
                 interpret=_resolve_interpret(interpret), debug=debug)
   pad = lambda x, n, h: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, h - x.shape[3])))
-  q, k, v = pad(inp.query, Tp, hp), pad(inp.key, Sp, hp), pad(inp.value, Sp, hvp)
+  # A non-finite query or key row makes every logit it enters NaN (an Inf must not yield a -inf that hides a key).
+  q, k = pad(core.nan_rows(inp.query), Tp, hp), pad(core.nan_rows(inp.key), Sp, hp)
+  v = pad(inp.value, Sp, hvp)
   seg = lambda x, n, fill: None if x is None else jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill)
   aux = (inp.q_lengths, inp.kv_lengths, seg(inp.q_segment_ids, Tp, -1), seg(inp.kv_segment_ids, Sp, -2),
          _pad_dense(inp.mask, Tp, Sp, False))

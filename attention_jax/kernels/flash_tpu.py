@@ -813,7 +813,9 @@ def flash_tpu_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | No
   # [B, L, heads, H] -> [B, Lp, heads * Hp]: zero padding, then a free reshape.
   flat = lambda x, n, h: jnp.pad(x.astype(kernel_dtype), ((0, 0), (0, n - x.shape[1]), (0, 0), (0, h - x.shape[3]))
                                  ).reshape(B, n, -1)
-  q, k, v = flat(inp.query, Tp, hp), flat(inp.key, Sp, hp), flat(inp.value, Sp, hvp)
+  # A non-finite query or key row makes every logit it enters NaN (an Inf must not yield a -inf that hides a key).
+  q, k = flat(core.nan_rows(inp.query), Tp, hp), flat(core.nan_rows(inp.key), Sp, hp)
+  v = flat(inp.value, Sp, hvp)
   length = lambda x, n: jnp.full((B,), n, jnp.int32) if x is None else jnp.clip(x, 0, n).astype(jnp.int32)
   pad_ids = lambda x, n, fill: None if x is None else jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill)
   aux = (length(inp.q_lengths, T), length(inp.kv_lengths, S), pad_ids(inp.q_segment_ids, Tp, -1),
