@@ -186,18 +186,16 @@ def _tile_mask(cfg: _Config, aux: _Aux, q0, k0, K: int, G: int):
   return functools.reduce(jnp.logical_and, parts)
 
 
-def _tile_scores(cfg: _Config, aux: _Aux, q_i, k_j, bias, q0, k0, q_bad_i, k_bad_j):
+def _tile_scores(cfg: _Config, aux: _Aux, q_i, k_j, bias, q0, k0):
   """``(s, tanh, mask)`` of one tile: ``[B, K, G, cq, ck]`` logits (scaled, soft-capped, biased, ``-inf`` where
   hidden) in the compute dtype, the soft-cap's tanh (or None) and the tile's mask (or None).
 
   ``q_i [B, K, G, cq, H]``, ``k_j [B, K, ck, H]``: head-major tiles, so the matmul is a plain batched
   ``[G*cq, H] x [H, ck]`` (about twice as fast on CPU as contracting the [B, T, N, H] layout directly).
-  ``q_bad_i [B, K, G, cq]`` / ``k_bad_j [B, K, ck]`` flag non-finite query / key rows: their logits are NaN (an Inf
-  could otherwise give a -inf logit and silently hide a key the row sees), then hidden pairs become -inf.
   """
   B, K, G, cq, H = q_i.shape
   s = _mm(cfg, "bkmh,bksh->bkms", q_i.reshape(B, K, G * cq, H), k_j).reshape(B, K, G, cq, -1)
-  s = jnp.where(q_bad_i[..., None] | k_bad_j[:, :, None, None, :], jnp.nan, s * cfg.scale)
+  s = s * cfg.scale
   tanh = None
   if cfg.soft_cap is not None:
     tanh = jnp.tanh(s / cfg.soft_cap)
@@ -232,13 +230,11 @@ def _forward(cfg: _Config, q, k, v, bias, aux: _Aux, out_dtype=None):
   cd = cfg.compute_dtype
   masked = _has_mask(cfg, aux)
   q_h, k_h, v_h = _head_major(q, k, v)
-  q_bad, k_bad = _bad_rows(q_h), _bad_rows(k_h)
   kv_max, q_max = _limits(cfg, aux)
 
   def query_chunk(i):
     q0 = i * cfg.cq
     q_i = lax.dynamic_slice_in_dim(q_h, q0, cfg.cq, axis=3)
-    q_bad_i = lax.dynamic_slice_in_dim(q_bad, q0, cfg.cq, axis=3)
     lo, hi = _tiling.kv_block_range(q0, cfg.cq, cfg.ck, kv_len=kv_max, is_causal=cfg.is_causal,
                                     window=cfg.window, q_limit=q_max)
 
@@ -247,8 +243,7 @@ def _forward(cfg: _Config, q, k, v, bias, aux: _Aux, out_dtype=None):
       k0 = j * cfg.ck
       k_j = lax.dynamic_slice_in_dim(k_h, k0, cfg.ck, axis=2)
       v_j = lax.dynamic_slice_in_dim(v_h, k0, cfg.ck, axis=2)
-      k_bad_j = lax.dynamic_slice_in_dim(k_bad, k0, cfg.ck, axis=2)
-      s, _, mask = _tile_scores(cfg, aux, q_i, k_j, bias, q0, k0, q_bad_i, k_bad_j)
+      s, _, mask = _tile_scores(cfg, aux, q_i, k_j, bias, q0, k0)
       m_new = jnp.maximum(m, s.max(axis=-1))
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)      # rows that have seen no key yet
       p = jnp.exp(s - m_safe[..., None])
@@ -337,7 +332,6 @@ def _backward(cfg: _Config, q, k, v, bias, aux: _Aux, d_out, lse, delta, grad_dt
   G = N // K
   cd = cfg.compute_dtype
   q_h, k_h, v_h = _head_major(q, k, v)
-  q_bad, k_bad = _bad_rows(q_h), _bad_rows(k_h)
   do_h = _head_major(d_out, k, v)[0]                                        # [B, K, G, Tp, Hv]
   delta = delta.astype(cd).reshape(B, K, G, Tp)
   lse = lse.astype(cd)
@@ -351,7 +345,6 @@ def _backward(cfg: _Config, q, k, v, bias, aux: _Aux, d_out, lse, delta, grad_dt
     k0 = j * cfg.ck
     k_j = lax.dynamic_slice_in_dim(k_h, k0, cfg.ck, axis=2)
     v_j = lax.dynamic_slice_in_dim(v_h, k0, cfg.ck, axis=2)
-    k_bad_j = lax.dynamic_slice_in_dim(k_bad, k0, cfg.ck, axis=2)
     lo, hi = _tiling.q_block_range(k0, cfg.ck, cfg.cq, q_len=q_lim, is_causal=cfg.is_causal, window=cfg.window,
                                    kv_limit=kv_max)
 
@@ -362,8 +355,7 @@ def _backward(cfg: _Config, q, k, v, bias, aux: _Aux, d_out, lse, delta, grad_dt
       do_i = lax.dynamic_slice_in_dim(do_h, q0, cfg.cq, axis=3).reshape(B, K, M, Hv)
       lse_i = lax.dynamic_slice_in_dim(lse_b, q0, cfg.cq, axis=3)
       delta_i = lax.dynamic_slice_in_dim(delta, q0, cfg.cq, axis=3)
-      q_bad_i = lax.dynamic_slice_in_dim(q_bad, q0, cfg.cq, axis=3)
-      s, tanh, mask = _tile_scores(cfg, aux, q_i, k_j, bias, q0, k0, q_bad_i, k_bad_j)
+      s, tanh, mask = _tile_scores(cfg, aux, q_i, k_j, bias, q0, k0)
       p = jnp.exp(s - lse_i[..., None])
       if mask is not None:
         p = jnp.where(mask, p, 0.0)               # exp(-inf - lse) is NaN where a NaN query row's lse is NaN
@@ -446,8 +438,9 @@ def _setup(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | None):
              None if inp.q_segment_ids is None else _pad_axis(inp.q_segment_ids, 1, Tp, -1),
              None if inp.kv_segment_ids is None else _pad_axis(inp.kv_segment_ids, 1, Sp, -2),
              pad_rows_cols(inp.mask), bias_visible)
-  q = _pad_axis(inp.query, 1, Tp)
-  k, v = _pad_axis(inp.key, 1, Sp), _pad_axis(inp.value, 1, Sp)
+  # A non-finite query or key row makes every logit it enters NaN (an Inf must not yield a -inf that hides a key).
+  q = _pad_axis(core.nan_rows(inp.query), 1, Tp)
+  k, v = _pad_axis(core.nan_rows(inp.key), 1, Sp), _pad_axis(inp.value, 1, Sp)
   return cfg, q, k, v, bias, aux
 
 

@@ -213,12 +213,13 @@ def _static_number(name: str, x):
   """Concrete scalars become Python floats (static, hashable); traced ones stay arrays."""
   if x is None:
     return None
-  if isinstance(x, bool) or (hasattr(x, "dtype") and not jnp.issubdtype(jnp.asarray(x).dtype, jnp.number)):
+  if isinstance(x, (bool, str, bytes)) or (hasattr(x, "dtype") and (
+      not jnp.issubdtype(jnp.asarray(x).dtype, jnp.number) or jnp.iscomplexobj(x))):
     raise ValueError(f"{name} must be a real number; got {x!r}")
   if isinstance(x, (int, float, np.number)) or (_is_concrete(x) and jnp.ndim(x) == 0):
     try:
       value = float(x)
-    except TypeError:
+    except (TypeError, ValueError):
       raise ValueError(f"{name} must be a real scalar; got {x!r}") from None
     if not math.isfinite(value):
       raise ValueError(f"{name} must be finite; got {value!r}")
@@ -587,8 +588,10 @@ def attention_core(inp: AttentionInputs, implementations: str | Sequence[str] | 
 _STATIC_FIELDS = ("scale", "is_causal", "window", "logits_soft_cap", "batch_shape")
 
 
-def _split(inp: AttentionInputs) -> tuple[tuple, dict]:
-  """Static (hashable) and array parts of ``inp``; a traced scale or soft-cap stays an array."""
+def split_static(inp: AttentionInputs) -> tuple[tuple, dict]:
+  """Static (hashable) and array parts of ``inp``, to cross a ``jax.jit`` boundary: the static part keys the
+  compilation cache, ``AttentionInputs(**dict(static), **arrays)`` rebuilds ``inp`` inside. A traced scale or
+  soft-cap stays an array."""
   static, arrays = [], {}
   for name, value in inp._asdict().items():
     if name in _STATIC_FIELDS and not isinstance(value, jax.Array):
@@ -636,7 +639,7 @@ def run(inp: AttentionInputs, implementation=None, *, return_residual: bool = Fa
     return _empty_result(inp, return_residual, return_weights)
   if names[0] in _CUSTOM_VJP and _autodiff.needs_plain_path(inp.query, inp.key, inp.value, inp.bias):
     names = ("reference",)   # forward-mode / higher-order differentiation: the differentiable formula
-  static, arrays = _split(inp)
+  static, arrays = split_static(inp)
   return _run(names, (), static, return_residual, return_weights, arrays)
 
 
@@ -655,7 +658,7 @@ def run_custom(fn: Callable[..., tuple[jax.Array, jax.Array]], inp: AttentionInp
   names = fn
   if custom_vjp and _autodiff.needs_plain_path(inp.query, inp.key, inp.value, inp.bias):
     names, options = ("reference",), ()
-  static, arrays = _split(inp)
+  static, arrays = split_static(inp)
   return _run(names, options, static, return_residual, False, arrays)
 
 

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
-import math
-from typing import Any, Callable
+import functools
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,28 +21,15 @@ from attention_jax import core, scores
 
 # Implementations that form the attention weights, so they can apply attention dropout and sow weights.
 _WEIGHT_IMPLEMENTATIONS = (None, "auto", "reference")
+# Options fixed by make_attention_fn(..., **options) or passed per call by a caller such as our MultiHeadAttention.
 _CALL_OPTIONS = ("scale", "query_seq_lengths", "key_value_seq_lengths", "local_window_size", "q_segment_ids",
                  "kv_segment_ids", "logits_soft_cap")
+# The scalar options among them, checked once by make_attention_fn.
+_SCALAR_OPTIONS = ("scale", "local_window_size", "logits_soft_cap")
 
 
-def _flatten_batch(x: jax.Array | None, batch_shape: tuple[int, ...], name: str) -> jax.Array | None:
-  """``[batch..., a, b, c] -> [prod(batch) or 1, a, b, c]``; broadcasts size-1 batch dims only when needed."""
-  if x is None:
-    return None
-  x = jnp.asarray(x)
-  nb = len(batch_shape)
-  if x.ndim > nb + 3:
-    raise ValueError(f"{name} of shape {x.shape} has more dims than [batch..., N, T, S] with batch={batch_shape}")
-  x = x.reshape((1,) * (nb + 3 - x.ndim) + x.shape)
-  lead, tail = x.shape[:nb], x.shape[nb:]
-  if all(d == 1 for d in lead):
-    return x.reshape((1,) + tail)
-  if any(d not in (1, b) for d, b in zip(lead, batch_shape)):
-    raise ValueError(f"{name} of shape {x.shape} does not broadcast to batch dims {batch_shape}")
-  return jnp.broadcast_to(x, batch_shape + tail).reshape((math.prod(batch_shape),) + tail)
-
-
-def _dropout_weights(weights_BNTS, *, rng, rate, broadcast, batch_shape, dtype):
+def _dropout_weights(weights_BNTS: jax.Array, *, rng: jax.Array, rate: float, broadcast: bool,
+                     batch_shape: tuple[int, ...], dtype: Any) -> jax.Array:
   """Attention dropout with flax's semantics and random bits (same rng -> same mask as flax)."""
   keep_prob = 1.0 - rate
   N, T, S = weights_BNTS.shape[1:]
@@ -53,77 +40,145 @@ def _dropout_weights(weights_BNTS, *, rng, rate, broadcast, batch_shape, dtype):
   return weights_BNTS * (keep.astype(dtype) / jnp.asarray(keep_prob, dtype))
 
 
+@functools.partial(jax.jit, static_argnames=("static", "dropout", "weights_dtype"))
+def _attention_with_weights(arrays: dict, dropout_rng: jax.Array | None, *, static: tuple,
+                            dropout: tuple | None, weights_dtype: Any) -> tuple[jax.Array, jax.Array]:
+  """The reference algorithm with the weights ``[*B, N, T, S]`` and optional dropout, under one jit boundary.
+
+  ``static``: the static fields of ``core.AttentionInputs``; ``dropout``: ``(rate, broadcast, dtype)`` or None.
+  The boundary keeps the ``-inf`` of the masked logits internal, so ``jax.debug_infs`` sees only the outputs.
+  """
+  inp = core.AttentionInputs(**dict(static), **arrays)
+  weights_fn = None
+  if dropout is not None:
+    rate, broadcast, dtype = dropout
+    batch_shape = inp.query.shape[:1] if inp.batch_shape is None else inp.batch_shape
+    weights_fn = functools.partial(_dropout_weights, rng=dropout_rng, rate=rate, broadcast=broadcast,
+                                   batch_shape=batch_shape, dtype=dtype)
+  out, _, weights = core.reference_core(inp, weights_fn)
+  return core.restore_batch(out, inp), core.restore_batch(weights.astype(weights_dtype), inp)
+
+
+def _weights_dtype(dtype: Any, force_fp32_for_softmax: bool) -> Any:
+  """The dtype flax gives the sown weights: float32 with ``force_fp32_for_softmax`` (float64 stays float64 here,
+  where flax would round it to float32), else the computation dtype."""
+  return jnp.promote_types(dtype, jnp.float32) if force_fp32_for_softmax else jnp.dtype(dtype)
+
+
 def _sow(module: Any, weights: jax.Array) -> None:
   if isinstance(module, nnx.Module):
     module.sow(nnx.Intermediate, "attention_weights", weights)
-  else:  # flax.linen
+  elif hasattr(module, "sow"):  # flax.linen
     module.sow("intermediates", "attention_weights", weights)
+  else:
+    raise TypeError(f"attention_fn: module= must be a flax.nnx or flax.linen Module (to sow the weights); "
+                    f"got {type(module).__name__}")
 
 
-def make_attention_fn(implementation: str | None = None, **options) -> Callable[..., jax.Array]:
+def _check_rate(name: str, rate) -> float:
+  """A concrete dropout rate in [0, 1) as a float (``ValueError`` otherwise)."""
+  value = None
+  if not isinstance(rate, (bool, str, bytes)):
+    try:
+      value = float(rate)
+    except (TypeError, ValueError, jax.errors.ConcretizationTypeError):
+      pass
+  if value is None or not 0.0 <= value < 1.0:
+    raise ValueError(f"{name} must be a number in [0, 1); got {rate!r}")
+  return value
+
+
+def _check_implementation(implementation) -> None:
+  if implementation is None or isinstance(implementation, str):
+    core.resolve_implementations(implementation)
+    return
+  if not isinstance(implementation, Sequence) or not all(isinstance(n, str) for n in implementation):
+    raise TypeError(f"make_attention_fn: implementation must be None, a name or a sequence of names; got "
+                    f"{implementation!r}")
+  core.resolve_implementations(tuple(implementation))
+
+
+def make_attention_fn(implementation: str | Sequence[str] | None = None, **options) -> Callable[..., jax.Array]:
   """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` / ``flax.linen.MultiHeadDotProductAttention``.
 
   ``options`` (``scale``, ``local_window_size``, ``logits_soft_cap``, ...) are fixed for every call; per-call
   options (sequence lengths, segment ids) may be passed as keywords by a caller such as our
-  :class:`MultiHeadAttention`. Flax's keywords are honoured: masks may be float (nonzero = attend) and have any
-  number of batch dims; ``dtype`` casts the inputs; attention dropout (``dropout_rate`` with ``dropout_rng``
-  when not ``deterministic``) and ``module=`` (sow the weights to ``intermediates``) use flax's semantics and
-  need an implementation that forms the weights (None, "auto" or "reference") — any other raises
-  ``ValueError``. ``precision`` is accepted; our reference already computes at the highest precision.
+  :class:`MultiHeadAttention`. Everything else is :func:`attention_jax.dot_product_attention`'s: inputs
+  ``[*B, T, N, H]`` with any number of batch dims (or none), GQA, a value head dim that differs, masks and biases
+  of lower rank, dispatch to ``implementation`` (a name or a sequence of names, as there).
+
+  Flax's keywords are honoured: masks may be float (nonzero = attend) and pass on as booleans; ``dtype`` casts
+  the inputs (default: their common dtype); attention dropout (``dropout_rate`` with ``dropout_rng`` when not
+  ``deterministic``) and ``module=`` (sow the weights ``[*B, N, T, S]`` to ``intermediates``) use flax's semantics
+  and random bits and need an implementation that forms the weights (None, "auto" or "reference") -- any other
+  raises ``ValueError``. The softmax always runs in float32 (float64 for float64 inputs); like flax, the sown
+  weights are in ``dtype``, or float32 under ``force_fp32_for_softmax=True``. ``precision`` is accepted; our
+  reference already computes at the highest precision. Rows with no visible key give zeros (flax: the mean of
+  the values). Complex inputs are refused on purpose with a ``ValueError``: softmax needs real logits.
   """
-  if implementation is not None and implementation != "auto":
-    core.resolve_implementation(implementation)
+  _check_implementation(implementation)
   unknown = set(options) - set(_CALL_OPTIONS)
   if unknown:
     raise ValueError(f"make_attention_fn: unknown options {sorted(unknown)}; allowed: {_CALL_OPTIONS}")
+  x = jnp.zeros((1, 1, 1, 1), jnp.float32)
+  for name in _SCALAR_OPTIONS:   # checked once here rather than at the first call
+    if name in options:
+      try:
+        core.prepare_inputs(x, x, x, **{name: options[name]})
+      except (TypeError, ValueError) as e:
+        raise ValueError(f"make_attention_fn: bad {name}={options[name]!r}: {e}") from None
+  weights_ok = implementation in _WEIGHT_IMPLEMENTATIONS
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True,
                    dropout_rng=None, dropout_rate: float = 0.0, deterministic: bool = False, dtype=None,
-                   precision=None, module=None, is_causal: bool = False, force_fp32_for_softmax: bool = True,
+                   precision=None, module=None, is_causal: bool = False, force_fp32_for_softmax: bool = False,
                    qk_attn_weights_einsum=None, attn_weights_value_einsum=None, **call_options):
-    del precision, force_fp32_for_softmax  # softmax is always float32, matmuls at highest precision
+    del precision   # softmax in float32, matmuls at the highest precision
     bad = set(call_options) - set(_CALL_OPTIONS)
     if bad:
-      raise ValueError(f"attention_fn: unsupported arguments {sorted(bad)} for implementation={implementation!r}")
+      raise ValueError(f"attention_fn: unsupported arguments {sorted(bad)} for implementation={implementation!r}; "
+                       f"per-call options are {_CALL_OPTIONS}")
     if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
-      raise ValueError("attention_fn: custom einsum modules are not supported by attention_jax backends")
-    if not 0.0 <= dropout_rate < 1.0:
-      raise ValueError(f"dropout_rate must be in [0, 1); got {dropout_rate!r}")
+      raise ValueError("attention_fn: custom einsum modules (qk_attn_weights_einsum / attn_weights_value_einsum) "
+                       "are not supported by attention_jax backends")
+    dropout_rate = _check_rate("attention_fn: dropout_rate", dropout_rate)
     query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    if query.ndim < 3 or key.ndim != query.ndim or value.ndim != query.ndim:
-      raise ValueError(f"attention_fn: need [batch..., length, heads, head_dim] inputs of equal rank; got "
-                       f"{query.shape=} {key.shape=} {value.shape=}")
-    batch_shape = query.shape[:-3]
-    if key.shape[:-3] != batch_shape or value.shape[:-3] != batch_shape:
-      raise ValueError(f"attention_fn: batch dims differ; got {query.shape=} {key.shape=} {value.shape=}")
-    dtype = jnp.result_type(query, key, value) if dtype is None else dtype
-    q, k, v = (jnp.asarray(x, dtype).reshape((-1,) + x.shape[-3:]) for x in (query, key, value))
+    if dtype is None:
+      dtype = jnp.result_type(query, key, value)
+    for name, dt in (("query", query.dtype), ("key", key.dtype), ("value", value.dtype), ("dtype", jnp.dtype(dtype))):
+      if jnp.issubdtype(dt, jnp.complexfloating):   # refused before any cast could drop the imaginary part
+        raise ValueError(f"attention_fn: {name} is complex ({dt}): softmax attention needs real logits, so "
+                         "complex inputs are refused")
+    query, key, value = (x.astype(dtype) for x in (query, key, value))
     if mask is not None:
       mask = jnp.asarray(mask)
       mask = mask if mask.dtype == jnp.bool_ else mask != 0
-    mask = _flatten_batch(mask, batch_shape, "mask")
-    bias = _flatten_batch(bias, batch_shape, "bias")
     kwargs = {**options, **call_options}
     needs_dropout = not deterministic and dropout_rate > 0.0
     if not (needs_dropout or module is not None):
-      out = core.dot_product_attention(q, k, v, bias, mask, is_causal=is_causal, implementation=implementation,
-                                       **kwargs)
-      return out.reshape(query.shape)
-    if implementation not in _WEIGHT_IMPLEMENTATIONS:
+      return core.dot_product_attention(query, key, value, bias, mask, is_causal=is_causal,
+                                        implementation=implementation, **kwargs)
+    inp = core.prepare_inputs(query, key, value, bias, mask, is_causal=is_causal, **kwargs)
+    if not weights_ok:
       what = "attention dropout (dropout_rate > 0, deterministic=False)" if needs_dropout else "sow_weights"
       raise ValueError(f"{what} needs the attention weights, which implementation={implementation!r} never "
                        "forms; use implementation='reference' or set dropout_rate=0 / deterministic=True")
     if needs_dropout and dropout_rng is None:
-      raise ValueError("dropout_rng is required when dropout_rate > 0 and deterministic=False")
-    inp = core.prepare_inputs(q, k, v, bias, mask, is_causal=is_causal, **kwargs)
-    weights_fn = None
-    if needs_dropout:
-      weights_fn = lambda w: _dropout_weights(w, rng=dropout_rng, rate=dropout_rate, broadcast=broadcast_dropout,
-                                              batch_shape=batch_shape, dtype=dtype)
-    out, _, weights = core.reference_core(inp, weights_fn)
+      raise ValueError("attention_fn: dropout_rng is required when dropout_rate > 0 and deterministic=False")
+    weights_dtype = _weights_dtype(dtype, force_fp32_for_softmax)
+    B, T, N, _ = inp.query.shape
+    S, Hv = inp.value.shape[1], inp.value.shape[-1]
+    if 0 in (B, T, N, S, Hv):   # nothing to attend to: zeros, as core does
+      out = core.restore_batch(jnp.zeros((B, T, N, Hv), dtype), inp)
+      weights = core.restore_batch(jnp.zeros((B, N, T, S), weights_dtype), inp)
+    else:
+      static, arrays = core.split_static(inp)
+      dropout = (dropout_rate, bool(broadcast_dropout), jnp.dtype(dtype)) if needs_dropout else None
+      out, weights = _attention_with_weights(arrays, dropout_rng if needs_dropout else None, static=static,
+                                             dropout=dropout, weights_dtype=weights_dtype)
     if module is not None:
-      _sow(module, weights.astype(dtype).reshape(batch_shape + weights.shape[1:]))
-    return out.reshape(query.shape)
+      _sow(module, weights)
+    return out
 
   attention_fn.implementation = implementation
   return attention_fn
@@ -135,7 +190,8 @@ class MultiHeadAttention(nnx.Module):
   Parameters match ``flax.nnx.MultiHeadAttention`` (``query``/``key``/``value``/``out`` ``LinearGeneral``), so
   a checkpoint of one loads into the other. ``attention_options`` (``scale``, ``local_window_size``,
   ``logits_soft_cap``) are fixed at construction; masks, causality, sequence lengths and segment ids are
-  per call.
+  per call. Attention runs through :func:`make_attention_fn` (dropout and ``sow_weights`` need
+  ``implementation`` None, "auto" or "reference"); complex inputs or parameters are refused with a ``ValueError``.
   """
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
@@ -146,12 +202,20 @@ class MultiHeadAttention(nnx.Module):
                kernel_init: Callable = jax.nn.initializers.lecun_normal(),
                bias_init: Callable = jax.nn.initializers.zeros, rngs: nnx.Rngs, **attention_options):
     qkv_features = in_features if qkv_features is None else qkv_features
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+    in_kv = in_features if in_kv_features is None else in_kv_features
+    out_features = in_features if out_features is None else out_features
+    for name, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("in_features", in_features),
+                    ("qkv_features", qkv_features), ("in_kv_features", in_kv), ("out_features", out_features)):
+      if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise ValueError(f"MultiHeadAttention: {name} must be a positive int; got {name}={n!r}")
     self.num_heads = num_heads
-    self.num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-    if self.num_kv_heads <= 0 or num_heads % self.num_kv_heads:
-      raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    self.num_kv_heads = num_kv_heads
+    if num_heads % num_kv_heads:
+      raise ValueError(f"MultiHeadAttention: num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
     if qkv_features % num_heads:
-      raise ValueError(f"qkv_features={qkv_features} must be divisible by num_heads={num_heads}")
+      raise ValueError(f"MultiHeadAttention: qkv_features={qkv_features} must be divisible by num_heads={num_heads}")
+    _check_rate("MultiHeadAttention: dropout_rate", dropout_rate)
     self.head_dim = qkv_features // num_heads
     self.in_features = in_features
     self.dropout_rate = dropout_rate
@@ -161,12 +225,11 @@ class MultiHeadAttention(nnx.Module):
     self.attention_fn = make_attention_fn(implementation, **attention_options)
     dense = lambda i, o, **kw: nnx.LinearGeneral(i, o, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
                                                  kernel_init=kernel_init, bias_init=bias_init, rngs=rngs, **kw)
-    in_kv = in_features if in_kv_features is None else in_kv_features
+    self.in_kv_features = in_kv
     self.query = dense(in_features, (num_heads, self.head_dim))
     self.key = dense(in_kv, (self.num_kv_heads, self.head_dim))
     self.value = dense(in_kv, (self.num_kv_heads, self.head_dim))
-    self.out = dense((num_heads, self.head_dim), in_features if out_features is None else out_features,
-                     axis=(-2, -1))
+    self.out = dense((num_heads, self.head_dim), out_features, axis=(-2, -1))
     self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
 
   def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None, inputs_v: jax.Array | None = None,
@@ -177,10 +240,16 @@ class MultiHeadAttention(nnx.Module):
 
     ``call_options``: ``query_seq_lengths``, ``key_value_seq_lengths``, ``q_segment_ids``, ``kv_segment_ids``.
     """
+    if inputs_k is None and inputs_v is not None:
+      raise ValueError("MultiHeadAttention: inputs_k cannot be None when inputs_v is given (pass the same array "
+                       "as inputs_k to use it for both)")
     inputs_k = inputs_q if inputs_k is None else inputs_k
     inputs_v = inputs_k if inputs_v is None else inputs_v
-    if inputs_q.shape[-1] != self.in_features:
-      raise ValueError(f"inputs_q has {inputs_q.shape[-1]} features; the module expects {self.in_features}")
+    for name, x, features in (("inputs_q", inputs_q, self.in_features), ("inputs_k", inputs_k, self.in_kv_features),
+                              ("inputs_v", inputs_v, self.in_kv_features)):
+      if jnp.ndim(x) < 2 or jnp.shape(x)[-1] != features:
+        raise ValueError(f"MultiHeadAttention: {name} must be [batch..., length, {features}]; got "
+                         f"{name}.shape={jnp.shape(x)}")
     deterministic = self.deterministic if deterministic is None else deterministic
     dropout_rng = None
     if self.dropout_rate > 0:

@@ -1,6 +1,7 @@
 """Flax integration: attention_fn adapters in flax.nnx / flax.linen MHA, our NNX modules."""
 
 import inspect
+from unittest import mock
 
 import chex
 import jax
@@ -10,8 +11,8 @@ from absl.testing import parameterized
 from flax import linen, nnx
 
 import attention_jax as aj
-from attention_jax import scores
-from tests.helpers import assert_close, np_mask, randn
+from attention_jax import core, scores
+from tests.helpers import assert_close, randn
 
 NNX_HAS_GQA = "num_kv_heads" in inspect.signature(nnx.MultiHeadAttention.__init__).parameters
 
@@ -222,3 +223,173 @@ class ClassicModulesTest(parameterized.TestCase):
       aj.nn.LuongAttention(4, 5, score="dot")
     with self.assertRaisesRegex(ValueError, "attn_features"):
       aj.nn.LuongAttention(4, score="concat", rngs=nnx.Rngs(0))
+
+
+class AdapterContractTest(parameterized.TestCase):
+  """make_attention_fn's own contract: masks pass through, core does the shape work, weights dtype as in flax,
+  finite under jax.debug_infs, clear errors."""
+
+  def test_masks_pass_through_to_core(self):
+    r = np.random.default_rng(20)
+    q = randn(r, (2, 3, 5, 4, 8))                       # two batch dims, handed to core as they are
+    seen = {}
+
+    def spy(*args, **kwargs):
+      seen["args"], seen["kwargs"] = args, kwargs
+      return jnp.zeros(q.shape, q.dtype)
+
+    bool_mask = jnp.asarray(r.random((2, 1, 1, 5, 5)) > 0.5)
+    float_mask = jnp.asarray(r.random((3, 1, 5, 5)) > 0.5, jnp.float32) * 2.0
+    fn = aj.nn.make_attention_fn("pallas")
+    with mock.patch.object(core, "dot_product_attention", spy):
+      fn(q, q, q, mask=bool_mask, is_causal=True)
+      self.assertIs(seen["args"][4], bool_mask)
+      chex.assert_shape(seen["args"][0], q.shape)
+      self.assertEqual(seen["kwargs"]["implementation"], "pallas")
+      self.assertTrue(seen["kwargs"]["is_causal"])
+      fn(q, q, q, mask=float_mask)
+      self.assertEqual(seen["args"][4].dtype, jnp.bool_)
+      np.testing.assert_array_equal(seen["args"][4], np.asarray(float_mask) != 0)
+
+  @parameterized.parameters("reference", "xla", "blockwise", "pallas")
+  def test_batch_dims_rank3_and_value_head_dim_defer_to_core(self, implementation):
+    r = np.random.default_rng(21)
+    q, k = randn(r, (2, 3, 6, 4, 8)), randn(r, (2, 3, 7, 2, 8))
+    v = randn(r, (2, 3, 7, 2, 8 if implementation == "xla" else 12))   # jax.nn needs Hv == H
+    mask = jnp.asarray(r.random((3, 1, 6, 7)) > 0.3).at[..., 0].set(True)
+    fn = aj.nn.make_attention_fn(implementation)
+    got = fn(q, k, v, mask=mask)
+    want = aj.reference_attention(q, k, v, mask=mask)
+    chex.assert_shape(got, q.shape[:-1] + v.shape[-1:])
+    assert_close(got, want)
+    assert_close(fn(q[0, 0], k[0, 0], v[0, 0], mask=mask[0, 0]), want[0, 0])   # rank 3, rank-3 mask
+
+  def test_sow_with_batch_dims_and_value_head_dim(self):
+    r = np.random.default_rng(22)
+    q, k, v = randn(r, (2, 3, 6, 4, 8)), randn(r, (2, 3, 7, 2, 8)), randn(r, (2, 3, 7, 2, 5))
+
+    class Dummy(nnx.Module):
+      pass
+
+    fn = aj.nn.make_attention_fn("reference")
+    out, state = nnx.capture(lambda m: fn(q, k, v, module=m, is_causal=True), nnx.Intermediate)(Dummy())
+    want_out, _, want_w = aj.reference_attention(q, k, v, is_causal=True, return_residual=True, return_weights=True)
+    assert_close(out, want_out)
+    weights = jax.tree.leaves(state)[0]
+    chex.assert_shape(weights, (2, 3, 4, 6, 7))
+    assert_close(weights, want_w)
+
+  @parameterized.parameters(False, True)
+  def test_linen_weights_dtype_follows_force_fp32(self, force_fp32):
+    """flax.linen sows float32 weights under force_fp32_for_softmax (when dtype is lower precision), else weights
+    in dtype; so does the adapter. nnx (no such flag) sows weights in dtype."""
+    x = randn(np.random.default_rng(23), (2, 5, 8))
+    kw = dict(num_heads=2, qkv_features=8, dtype=jnp.bfloat16, force_fp32_for_softmax=force_fp32)
+    want_dtype = jnp.float32 if force_fp32 else jnp.bfloat16
+    for attention_fn in (linen.dot_product_attention, aj.nn.make_attention_fn("reference")):
+      m = linen.MultiHeadDotProductAttention(**kw, attention_fn=attention_fn)
+      params = m.init(jax.random.key(0), x)
+      _, state = m.apply(params, x, sow_weights=True, mutable=["intermediates"])
+      self.assertEqual(jax.tree.leaves(state)[0].dtype, want_dtype)
+    ours = flax_mha(aj.nn.make_attention_fn("reference"), dtype=jnp.bfloat16)
+    x = randn(np.random.default_rng(25), (2, 5, 16))
+    _, state = nnx.capture(lambda m: m(x, sow_weights=True), nnx.Intermediate)(ours)
+    self.assertEqual(jax.tree.leaves(state)[0].dtype, jnp.bfloat16)
+
+  @parameterized.parameters(False, True)
+  def test_debug_infs_silent_with_sow_and_dropout(self, jit):
+    """Rows with no visible key (a padding mask that hides every key of one example) use -inf internally; under
+    jax.debug_infs / debug_nans the adapter stays silent, eagerly and jitted, forward and backward."""
+    r = np.random.default_rng(24)
+    q = randn(r, (2, 6, 4, 8))
+    mask = nnx.make_attention_mask(jnp.ones((2, 6)), jnp.array([[1] * 6, [0] * 6]))
+
+    class Dummy(nnx.Module):
+      pass
+
+    fn = aj.nn.make_attention_fn("reference")
+
+    def run(q, rng):
+      out, state = nnx.capture(lambda m: fn(q, q, q, mask=mask, module=m, dropout_rate=0.3, dropout_rng=rng),
+                               nnx.Intermediate)(Dummy())
+      return out, jax.tree.leaves(state)[0]
+
+    run = jax.jit(run) if jit else run
+    loss = lambda q, rng: run(q, rng)[0].sum()
+    with jax.debug_infs(True), jax.debug_nans(True):
+      out, weights = run(q, jax.random.key(0))
+      grad = (jax.jit(jax.grad(loss)) if jit else jax.grad(loss))(q, jax.random.key(0))
+    chex.assert_tree_all_finite((out, weights, grad))
+    np.testing.assert_array_equal(out[1], 0.0)
+    np.testing.assert_array_equal(weights[1], 0.0)
+
+  def test_complex_refused(self):
+    x = jnp.ones((1, 4, 2, 8), jnp.complex64)
+    with self.assertRaisesRegex(ValueError, "complex"):
+      aj.nn.make_attention_fn("reference")(x, x, x)
+    with self.assertRaisesRegex(ValueError, r"dtype is complex \(complex64\)"):   # before any cast to float
+      aj.nn.make_attention_fn("reference")(x.real, x.real, x.real, dtype=jnp.complex64)
+    m = aj.nn.MultiHeadAttention(2, 4, param_dtype=jnp.complex64, implementation="reference", rngs=nnx.Rngs(0))
+    with self.assertRaisesRegex(ValueError, "complex"):
+      m(jnp.ones((1, 3, 4), jnp.complex64))
+
+  def test_zero_size_with_weights(self):
+    q, kv = jnp.ones((1, 3, 2, 4)), jnp.ones((1, 0, 2, 4))
+
+    class Dummy(nnx.Module):
+      pass
+
+    out, state = nnx.capture(lambda m: aj.nn.make_attention_fn("reference")(q, kv, kv, module=m),
+                             nnx.Intermediate)(Dummy())
+    np.testing.assert_array_equal(out, np.zeros((1, 3, 2, 4)))
+    chex.assert_shape(jax.tree.leaves(state)[0], (1, 2, 3, 0))
+
+  def test_bad_input(self):
+    with self.assertRaisesRegex(TypeError, "implementation must be None, a name or a sequence"):
+      aj.nn.make_attention_fn(3)
+    with self.assertRaisesRegex(ValueError, "unknown implementation='flash'"):
+      aj.nn.make_attention_fn(("pallas", "flash"))
+    with self.assertRaisesRegex(ValueError, "make_attention_fn: .*scale"):
+      aj.nn.make_attention_fn("reference", scale="big")
+    with self.assertRaisesRegex(ValueError, "make_attention_fn: .*window"):
+      aj.nn.make_attention_fn("reference", local_window_size=-1)
+    with self.assertRaisesRegex(ValueError, "make_attention_fn: .*logits_soft_cap"):
+      aj.nn.make_attention_fn("reference", logits_soft_cap=0.0)
+    fn = aj.nn.make_attention_fn("reference")
+    q = jnp.ones((2, 3, 4, 8))
+    for rate in (1.0, -0.1, True, "0.1"):
+      with self.assertRaisesRegex(ValueError, r"dropout_rate must be a number in \[0, 1\)"):
+        fn(q, q, q, dropout_rate=rate, dropout_rng=jax.random.key(0))
+    with self.assertRaisesRegex(ValueError, "same rank"):
+      fn(q[0, 0], q[0, 0], q[0, 0])                      # rank 2: no [T, N, H]
+    with self.assertRaisesRegex(ValueError, "same rank"):
+      fn(q, q[0], q[0])
+    with self.assertRaisesRegex(ValueError, "mask of shape"):
+      fn(q, q, q, mask=jnp.ones((2, 4, 3, 4), bool))
+    with self.assertRaisesRegex(TypeError, "module= must be a flax"):
+      fn(q, q, q, module=object())
+    with self.assertRaisesRegex(ValueError, "custom einsum"):
+      fn(q, q, q, qk_attn_weights_einsum=jnp.einsum, attn_weights_value_einsum=jnp.einsum)
+
+  def test_module_bad_input(self):
+    rngs = nnx.Rngs(0)
+    for kwargs, message in (
+        (dict(num_heads=0, in_features=16), "num_heads must be a positive int"),
+        (dict(num_heads=4, in_features=16.0), "in_features must be a positive int"),
+        (dict(num_heads=3, in_features=16), "qkv_features=16 must be divisible by num_heads=3"),
+        (dict(num_heads=4, in_features=16, num_kv_heads=3), "multiple of num_kv_heads=3"),
+        (dict(num_heads=4, in_features=16, dropout_rate=1.0), r"dropout_rate must be a number in \[0, 1\)"),
+        (dict(num_heads=4, in_features=16, implementation="flash"), "unknown implementation"),
+        (dict(num_heads=4, in_features=16, window=3), "unknown options"),
+    ):
+      with self.assertRaisesRegex(ValueError, message):
+        aj.nn.MultiHeadAttention(**kwargs, rngs=rngs)
+    m = aj.nn.MultiHeadAttention(4, 16, in_kv_features=10, rngs=rngs)
+    with self.assertRaisesRegex(ValueError, r"inputs_q must be \[batch..., length, 16\]; got inputs_q.shape=\(16,\)"):
+      m(jnp.ones((16,)), jnp.ones((3, 10)))
+    with self.assertRaisesRegex(ValueError, r"inputs_k must be \[batch..., length, 10\]"):
+      m(jnp.ones((2, 3, 16)), jnp.ones((2, 3, 16)))
+    with self.assertRaisesRegex(ValueError, "inputs_k cannot be None"):
+      m(jnp.ones((2, 3, 16)), inputs_v=jnp.ones((2, 3, 10)))
+    with self.assertRaisesRegex(ValueError, "unsupported arguments"):
+      m(jnp.ones((2, 3, 16)), jnp.ones((2, 3, 10)), segment_ids=jnp.zeros((2, 3), jnp.int32))
