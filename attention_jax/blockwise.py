@@ -37,12 +37,7 @@ import numpy as np
 from jax import lax
 
 from attention_jax import _tiling, core
-
-
-def _positive_int(name: str, x) -> int:
-  if isinstance(x, bool) or not isinstance(x, (int, np.integer)) or x <= 0:
-    raise ValueError(f"{name} must be a positive int; got {name}={x!r}")
-  return int(x)
+from attention_jax._checks import positive_int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +48,7 @@ class ChunkSizes:
 
   def __post_init__(self):
     for name in ("query", "key"):
-      object.__setattr__(self, name, _positive_int(f"ChunkSizes.{name}", getattr(self, name)))
+      object.__setattr__(self, name, positive_int(f"ChunkSizes.{name}", getattr(self, name)))
 
   @classmethod
   def get_default(cls) -> "ChunkSizes":
@@ -69,7 +64,7 @@ class ChunkSizes:
     if isinstance(chunk_sizes, cls):
       return chunk_sizes
     if isinstance(chunk_sizes, (int, np.integer)) and not isinstance(chunk_sizes, bool):
-      size = _positive_int("chunk_sizes", chunk_sizes)
+      size = positive_int("chunk_sizes", chunk_sizes)
       return cls(size, size)
     raise ValueError(f"chunk_sizes must be a blockwise.ChunkSizes, a positive int or None; got {chunk_sizes!r}")
 

@@ -13,36 +13,22 @@ exact in float64). ``init_multi_head(..., dtype=jnp.float64)`` makes float64 par
 
 from __future__ import annotations
 
-import operator
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from attention_jax import core
+from attention_jax._checks import positive_int
 
 Params = dict[str, dict[str, jax.Array]]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def _positive_int(name: str, value: Any) -> int:
-  """A positive static integer (Python or NumPy int, not bool)."""
-  if isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name} must be a positive int, not a bool; got {name}={value!r}")
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise TypeError(f"{name} must be a positive int; got {name}={value!r} ({type(value).__name__})") from None
-  if value <= 0:
-    raise ValueError(f"{name} must be positive; got {name}={value}")
-  return value
-
-
 def _head_counts(num_heads: Any, num_kv_heads: Any) -> tuple[int, int]:
-  num_heads = _positive_int("num_heads", num_heads)
-  num_kv_heads = num_heads if num_kv_heads is None else _positive_int("num_kv_heads", num_kv_heads)
+  num_heads = positive_int("num_heads", num_heads)
+  num_kv_heads = num_heads if num_kv_heads is None else positive_int("num_kv_heads", num_kv_heads)
   if num_heads % num_kv_heads:
     raise ValueError(f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
   return num_heads, num_kv_heads
@@ -60,16 +46,16 @@ def init_multi_head(rng: jax.Array, d_model: int, num_heads: int, num_kv_heads: 
     head_dim: per-head features H (default ``d_model // num_heads``, which then must divide evenly).
     dtype: parameter dtype, a real floating dtype (float64 needs ``jax_enable_x64``).
 
-  Every size is a positive int; anything else raises ``ValueError`` (``TypeError`` for a non-int).
+  Every size is a positive int; anything else raises ``ValueError``.
   """
-  d_model = _positive_int("d_model", d_model)
+  d_model = positive_int("d_model", d_model)
   num_heads, num_kv_heads = _head_counts(num_heads, num_kv_heads)
-  d_kv = d_model if d_kv is None else _positive_int("d_kv", d_kv)
+  d_kv = d_model if d_kv is None else positive_int("d_kv", d_kv)
   if head_dim is None:
     if d_model % num_heads:
       raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} (or pass head_dim)")
     head_dim = d_model // num_heads
-  head_dim = _positive_int("head_dim", head_dim)
+  head_dim = positive_int("head_dim", head_dim)
   try:
     floating = jnp.issubdtype(dtype, jnp.floating)
   except TypeError:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from attention_jax import core, scores
+from attention_jax._checks import positive_int
 
 # Implementations that form the attention weights, so they can apply attention dropout and sow weights.
 _WEIGHT_IMPLEMENTATIONS = (None, "auto", "reference")
@@ -207,8 +208,7 @@ class MultiHeadAttention(nnx.Module):
     out_features = in_features if out_features is None else out_features
     for name, n in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads), ("in_features", in_features),
                     ("qkv_features", qkv_features), ("in_kv_features", in_kv), ("out_features", out_features)):
-      if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
-        raise ValueError(f"MultiHeadAttention: {name} must be a positive int; got {name}={n!r}")
+      positive_int(name, n, context="MultiHeadAttention")
     self.num_heads = num_heads
     self.num_kv_heads = num_kv_heads
     if num_heads % num_kv_heads:

@@ -18,12 +18,12 @@ Parameters are plain pytrees (dicts of arrays) made by :func:`init_general` / :f
 from __future__ import annotations
 
 import math
-import operator
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
+
+from attention_jax._checks import positive_int
 
 Params = dict[str, jax.Array]
 
@@ -72,19 +72,6 @@ def _check_qk(name: str, q: jax.Array, k: jax.Array, same_depth: bool) -> tuple[
   return q, k
 
 
-def _check_dim(fn: str, name: str, value: Any) -> int:
-  """A positive static integer (Python or NumPy int, not bool)."""
-  if isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{fn}: {name} must be a positive int, not a bool; got {name}={value!r}")
-  try:
-    value = operator.index(value)
-  except TypeError:
-    raise TypeError(f"{fn}: {name} must be a positive int; got {name}={value!r} ({type(value).__name__})") from None
-  if value <= 0:
-    raise ValueError(f"{fn}: {name} must be positive; got {name}={value}")
-  return value
-
-
 def _check_dtype(fn: str, dtype: Any) -> Any:
   try:
     ok = jnp.issubdtype(dtype, jnp.floating)
@@ -114,7 +101,7 @@ def scaled_dot(q: jax.typing.ArrayLike, k: jax.typing.ArrayLike, scale: float | 
 
 def init_general(rng: jax.Array, dq: int, dk: int, dtype: Any = jnp.float32) -> Params:
   """Parameters of :func:`general`: ``{"W": [dq, dk]}`` (Glorot-uniform); ``dq``, ``dk`` positive ints."""
-  dq, dk = _check_dim("init_general", "dq", dq), _check_dim("init_general", "dk", dk)
+  dq, dk = positive_int("dq", dq, context="init_general"), positive_int("dk", dk, context="init_general")
   dtype = _check_dtype("init_general", dtype)
   return {"W": jax.nn.initializers.glorot_uniform()(rng, (dq, dk), dtype)}
 
@@ -134,8 +121,8 @@ def general(params: Params, q: jax.typing.ArrayLike, k: jax.typing.ArrayLike) ->
 def init_additive(rng: jax.Array, dq: int, dk: int, attn_dim: int, dtype: Any = jnp.float32) -> Params:
   """Parameters of :func:`additive`: ``{"W": [dq, A], "U": [dk, A], "v": [A]}`` (Glorot-uniform); dims positive
   ints."""
-  dq, dk = _check_dim("init_additive", "dq", dq), _check_dim("init_additive", "dk", dk)
-  attn_dim = _check_dim("init_additive", "attn_dim", attn_dim)
+  dq, dk = positive_int("dq", dq, context="init_additive"), positive_int("dk", dk, context="init_additive")
+  attn_dim = positive_int("attn_dim", attn_dim, context="init_additive")
   dtype = _check_dtype("init_additive", dtype)
   rw, ru, rv = jax.random.split(rng, 3)
   glorot = jax.nn.initializers.glorot_uniform()

@@ -470,7 +470,9 @@ def _step_logits(cfg: _Config, q_s, k_g, t: _Tables, G: int):
   if cfg.has_exclusion:
     mask = mask & ~((cols >= t.ex_lo[:, :, None]) & (cols <= t.ex_hi[:, :, None]))
   s = s.reshape(B, K, P, G, bq, -1)
-  return jnp.where(mask[None, None, :, None], s, -jnp.inf), mask
+  # The barrier keeps XLA:CPU (jax 0.12) from fusing these logits into the softmax: fused, a query row holding a
+  # NaN came out as zeros, or as the clean row's result, on some executions of one executable.
+  return lax.optimization_barrier(jnp.where(mask[None, None, :, None], s, -jnp.inf)), mask
 
 
 def _forward(cfg: _Config, q_steps, k_tiles, v_tiles, tabs: _Tables):

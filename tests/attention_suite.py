@@ -99,6 +99,20 @@ NAN_CASES = {
 }
 
 
+def named(names, ci=None, slow=False):
+  """``named_parameters`` arguments: the names in ``ci`` (or, with ``slow``, the others; all with ``ci=None``)."""
+  return [(n, n) for n in names if ci is None or ((n in ci) != slow)]
+
+
+def bias_inputs(case: dict, dtype, seed: int = 0):
+  """q, k, v, options and a float32 bias of ``case["bias_shape"]`` with ``-inf`` at index ``case["neg_inf"]``."""
+  q, k, v, opts = make_inputs(case, dtype, seed)
+  bias = np.random.default_rng(seed + 7).standard_normal(case["bias_shape"]).astype(np.float32)
+  if "neg_inf" in case:
+    bias[case["neg_inf"]] = -np.inf
+  return q, k, v, opts, jnp.asarray(bias)
+
+
 def _visible(case: dict, opts: dict) -> np.ndarray:
   """[B, N, T, S] bool from first principles (tests/helpers.np_mask), for the options of a case."""
   B, T, S, N = case["B"], case["T"], case["S"], case["N"]
@@ -218,3 +232,83 @@ class AttentionSuite(parameterized.TestCase):
     self.assertTrue(sees_j.any() and (~sees_j).any())
     self.assertFalse(np.isfinite(out_nan[sees_j]).any(), "rows that see a NaN value must not be finite")
     assert_close(out_nan[~sees_j], _as_f32(out)[~sees_j], dtype, err_msg="rows that do not see the NaN value")
+
+  def _biased(self, attention):
+    return attention or (lambda q, k, v, bias, mask=None, **o: self.attention(q, k, v, bias=bias, mask=mask, **o)[0])
+
+  def check_bias_gradient(self, case: dict, attention=None):
+    """Output and dq/dk/dv/dbias against the reference, dbias in the bias's own broadcast shape (summed over what it
+    broadcasts over); ``-inf`` bias entries hide their pairs like a mask. ``attention(q, k, v, bias, **options)``
+    defaults to ``self.attention``."""
+    attention = self._biased(attention)
+    q, k, v, opts, bias = bias_inputs(case, jnp.float32)
+    ct = randn(np.random.default_rng(3), q.shape[:-1] + v.shape[-1:])
+    out, vjp = jax.vjp(lambda *a: attention(*a, **opts), q, k, v, bias)
+    want_out, want_vjp = jax.vjp(lambda *a: aj.reference_attention(*a, **opts), q, k, v, bias)
+    assert_close(out, want_out)
+    got, want = vjp(ct), want_vjp(ct)
+    chex.assert_tree_all_finite(got)
+    for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
+      self.assertEqual(g.shape, w.shape)
+      assert_close(g, w, jnp.float32, kind="grad", err_msg=name)
+
+  def check_bias_hides_garbage(self, attention=None):
+    """A -inf bias hides its pair like a mask: NaN/Inf in the keys/values it hides, and NaN bias entries at pairs a
+    mask hides, change nothing; hidden keys get zero dk/dv and hidden pairs zero dbias (Hv != H)."""
+    attention = self._biased(attention)
+    r = np.random.default_rng(4)
+    q, k, v = randn(r, (1, 20, 2, 16)), randn(r, (1, 24, 1, 16)), randn(r, (1, 24, 1, 8))
+    bias = r.standard_normal((1, 2, 20, 24)).astype(np.float32)
+    bias[..., [3, 17]] = -np.inf                 # keys 3 and 17 hidden from every query by the bias
+    bias[:, :, 4, :] = -np.inf                   # query 4 sees nothing
+    mask = np.ones((1, 1, 20, 24), bool)
+    mask[..., 20:] = False                       # keys 20..23 hidden by the mask ...
+    bias_garbage = bias.copy()
+    bias_garbage[..., 20:] = np.nan              # ... so the bias there may hold garbage
+    hidden = np.zeros((1, 24, 1), bool)
+    hidden[:, [3, 17, 20, 21, 22, 23]] = True
+    poison = lambda x: jnp.where(jnp.asarray(hidden)[..., None], jnp.asarray(np.nan, x.dtype), x)
+    ct = randn(r, (1, 20, 2, 8))
+
+    def run(fn, q, k, v, b):
+      def loss(q, k, v, b):
+        out = fn(q, k, v, b, jnp.asarray(mask))
+        return (out * ct).sum(), out
+      (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, b)
+      return out, grads
+
+    out, grads = run(attention, q, k, v, jnp.asarray(bias))
+    out_p, grads_p = run(attention, q, poison(k), poison(v).at[:, 3].set(jnp.inf), jnp.asarray(bias_garbage))
+    want, want_grads = run(aj.reference_attention, q, k, v, jnp.asarray(bias))
+    assert_close(out, want)
+    np.testing.assert_array_equal(out[:, 4], 0.0)
+    for g, gp, w in zip(grads, grads_p, want_grads):
+      chex.assert_tree_all_finite((g, gp))
+      assert_close(g, w, kind="grad")
+      assert_close(gp, g, kind="grad")
+    np.testing.assert_array_equal(out_p, out)
+    for g in (grads_p[1], grads_p[2]):
+      np.testing.assert_array_equal(np.asarray(g)[:, [3, 17, 20, 21, 22, 23]], 0.0)
+    visible = mask & np.isfinite(bias)
+    np.testing.assert_array_equal(np.asarray(grads_p[3])[~np.broadcast_to(visible, bias.shape)], 0.0)
+
+  def check_batch_dims_and_zero_size(self):
+    """Extra leading batch dims and rank-3 inputs (with Hv != H and the public residual) against the reference;
+    zero-size inputs return zeros and the residual of rows with no key."""
+    r = np.random.default_rng(7)
+    q, k, v = randn(r, (2, 3, 9, 4, 8)), randn(r, (2, 3, 11, 2, 8)), randn(r, (2, 3, 11, 2, 6))
+    lengths = jnp.asarray(r.integers(0, 12, (2, 3)), jnp.int32)
+    opts = dict(is_causal=True, key_value_seq_lengths=lengths)
+    out, res = self.attention(q, k, v, **opts)
+    want, want_res = aj.reference_attention(q, k, v, return_residual=True, **opts)
+    chex.assert_shape((out, res), ((2, 3, 9, 4, 6), (2, 3, 9, 4)))
+    assert_close(out, want)
+    assert_close(res, want_res)
+    out3, res3 = self.attention(q[0, 0], k[0, 0], v[0, 0], is_causal=True)
+    chex.assert_shape((out3, res3), ((9, 4, 6), (9, 4)))
+    assert_close(out3, aj.reference_attention(q[0, 0], k[0, 0], v[0, 0], is_causal=True))
+    for a, b, c in ((q[:, :, :0], k, v), (q, k[:, :, :0], v[:, :, :0]), (q, k, v[..., :0])):
+      out, res = self.attention(a, b, c)
+      chex.assert_shape((out, res), (a.shape[:-1] + c.shape[-1:], a.shape[:-1]))
+      np.testing.assert_array_equal(out, 0.0)
+      np.testing.assert_array_equal(res, jnp.finfo(jnp.float32).min)

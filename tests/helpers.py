@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -14,6 +15,11 @@ TOLERANCES = {
     "float16": {"fwd": (2e-3, 2e-3), "grad": (1e-2, 1e-2)},
     "bfloat16": {"fwd": (1.6e-2, 1.6e-2), "grad": (6e-2, 6e-2)},
 }
+
+
+def enable_x64():
+  """A context in which float64 arrays are float64 (``jax.enable_x64`` on jax >= 0.12, the experimental one before)."""
+  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 def tol(dtype, kind: str = "fwd") -> dict[str, float]:

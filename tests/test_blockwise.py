@@ -14,7 +14,7 @@ import attention_jax as aj
 from attention_jax import blockwise, core
 from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
                                    AttentionSuite, make_inputs)
-from tests.helpers import assert_close, np_mask, np_softmax_attention, randn
+from tests.helpers import assert_close, enable_x64, np_mask, np_softmax_attention, randn
 
 BLOCKWISE_CASES = {
     **CASES,
@@ -28,9 +28,6 @@ NAN_SOFT_CAP = dict(B=2, T=30, S=37, N=2, K=1, H=16, input_scale=2.0,
 # backward taking delta = rowsum(dO * O) from the bfloat16 output cannot meet).
 BF16_DENSE = ("mask_B11S_padding", "mask_1NTS_causal")
 
-
-def enable_x64():
-  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 class BlockwiseTest(AttentionSuite):
@@ -112,20 +109,11 @@ class BlockwiseTest(AttentionSuite):
     batched = jax.vmap(f)(jnp.stack([q, 2 * q]), jnp.stack([k, k]), jnp.stack([v, -v]))
     assert_close(batched[1], aj.reference_attention(2 * q, k, -v, is_causal=True))
 
-  def test_rank3_and_extra_batch_dims(self):
-    r = np.random.default_rng(11)
-    q, k, v = randn(r, (2, 3, 9, 4, 8)), randn(r, (2, 3, 11, 2, 8)), randn(r, (2, 3, 11, 2, 6))
-    lengths = jnp.asarray(r.integers(0, 12, (2, 3)), jnp.int32)
-    opts = dict(is_causal=True, key_value_seq_lengths=lengths)
-    out, res = blockwise.blockwise_attention(q, k, v, chunk_sizes=4, return_residual=True, **opts)
-    want, want_res = aj.reference_attention(q, k, v, return_residual=True, **opts)
-    chex.assert_shape((out, res), ((2, 3, 9, 4, 6), (2, 3, 9, 4)))
-    assert_close(out, want)
-    assert_close(res, want_res)
-    out3, res3 = blockwise.blockwise_attention(q[0, 0], k[0, 0], v[0, 0], chunk_sizes=4, is_causal=True,
-                                               return_residual=True)
-    chex.assert_shape((out3, res3), ((9, 4, 6), (9, 4)))
-    assert_close(out3, aj.reference_attention(q[0, 0], k[0, 0], v[0, 0], is_causal=True))
+  def test_batch_dims_and_zero_size(self):
+    self.check_batch_dims_and_zero_size()
+
+  def test_bias_minus_inf_hides_keys_and_garbage_there(self):
+    self.check_bias_hides_garbage(lambda q, k, v, b, m: blockwise.blockwise_attention(q, k, v, b, m, chunk_sizes=4))
 
   def test_reference_has_the_same_signature(self):
     q, k, v, opts = make_inputs(CASES["soft_cap"], jnp.float32)
@@ -196,47 +184,6 @@ def test_zero_size_inputs(name):
   for g, x in zip(grads, (a, b, c)):
     chex.assert_shape(g, x.shape)
     np.testing.assert_array_equal(g, 0.0)
-
-
-def test_bias_minus_inf_hides_keys_and_garbage_there():
-  """A -inf bias hides its pair like a mask: NaN/Inf in the keys/values it hides, and NaN bias entries at pairs a
-  mask hides, change nothing; hidden keys get zero dk/dv and hidden pairs zero dbias."""
-  q, k, v = _small_inputs(4, B=1, T=10, S=12, N=2, K=1, H=8, Hv=5)
-  r = np.random.default_rng(5)
-  bias = r.standard_normal((1, 2, 10, 12)).astype(np.float32)
-  bias[..., [3, 7]] = -np.inf                  # keys 3 and 7 hidden from every query by the bias
-  bias[:, :, 4, :] = -np.inf                   # query 4 sees nothing
-  mask = np.ones((1, 1, 10, 12), bool)
-  mask[..., 10:] = False                       # keys 10, 11 hidden by the mask ...
-  bias_garbage = bias.copy()
-  bias_garbage[..., 10:] = np.nan              # ... so the bias there may hold garbage
-  hidden = np.zeros((1, 12, 1), bool)
-  hidden[:, [3, 7, 10, 11]] = True
-  poison = lambda x: jnp.where(jnp.asarray(hidden)[..., None], jnp.asarray(np.nan, x.dtype), x)
-  ct = randn(r, (1, 10, 2, 5))
-
-  def run(fn, q, k, v, b):
-    def loss(q, k, v, b):
-      out = fn(q, k, v, b, jnp.asarray(mask), chunk_sizes=4)
-      return (out * ct).sum(), out
-    (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, b)
-    return out, grads
-
-  out, grads = run(blockwise.blockwise_attention, q, k, v, jnp.asarray(bias))
-  out_p, grads_p = run(blockwise.blockwise_attention, q, poison(k), poison(v).at[:, 3].set(jnp.inf),
-                       jnp.asarray(bias_garbage))
-  want, want_grads = run(blockwise.blockwise_attention_reference, q, k, v, jnp.asarray(bias))
-  assert_close(out, want)
-  np.testing.assert_array_equal(out[:, 4], 0.0)
-  for g, gp, w in zip(grads, grads_p, want_grads):
-    chex.assert_tree_all_finite((g, gp))
-    assert_close(g, w, kind="grad")
-    assert_close(gp, g, kind="grad")
-  np.testing.assert_array_equal(out_p, out)
-  for g in (grads_p[1], grads_p[2]):
-    np.testing.assert_array_equal(np.asarray(g)[:, [3, 7, 10, 11]], 0.0)
-  visible = mask & np.isfinite(bias)
-  np.testing.assert_array_equal(np.asarray(grads_p[3])[~np.broadcast_to(visible, bias.shape)], 0.0)
 
 
 @pytest.mark.parametrize("is_causal", [False, True])

@@ -13,13 +13,10 @@ from jax.test_util import check_grads
 
 import attention_jax as aj
 from tests.attention_suite import DENSE_CASES, HV_CASES, NAN_CASES, AttentionSuite
-from tests.helpers import assert_close, np_mask, np_softmax_attention, qkv, randn
+from tests.helpers import assert_close, enable_x64, np_mask, np_softmax_attention, qkv, randn
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
-
-def enable_x64():
-  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 def make_case(name, rng, dtype=jnp.float32):

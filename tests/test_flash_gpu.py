@@ -23,8 +23,8 @@ import attention_jax as aj
 from attention_jax import core
 from attention_jax.kernels import flash_gpu
 from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
-                                   AttentionSuite, make_inputs)
-from tests.helpers import assert_close, randn
+                                   AttentionSuite, bias_inputs, make_inputs, named)
+from tests.helpers import assert_close, enable_x64, randn
 
 # Small tiles so that the short CI sequences still span many blocks, ragged last blocks, the causal diagonal and
 # the band edges (masked and unmasked block loops), with different tiles in the three kernels.
@@ -39,7 +39,7 @@ NAN_ALL = {**NAN_CASES, "soft_cap_lengths": NAN_SOFT_CAP}
 # (column sums from every query block), over key columns (row sums), over everything (a scalar bias). ``-inf``
 # entries hide keys like a mask does.
 BIAS_CASES = {
-    "bias_B11S_minus_inf": dict(B=2, T=20, S=37, N=2, K=1, H=16, bias_shape=(2, 1, 1, 37), neg_inf_keys=(3, 30)),
+    "bias_B11S_minus_inf": dict(B=2, T=20, S=37, N=2, K=1, H=16, bias_shape=(2, 1, 1, 37), neg_inf=(0, Ellipsis, [3, 30])),
     "bias_1NT1_causal": dict(B=2, T=24, S=24, N=4, K=2, H=16, bias_shape=(1, 4, 24, 1),
                              options=dict(is_causal=True)),
     "bias_1111_window_lengths": dict(B=2, T=20, S=30, N=2, K=2, H=16, bias_shape=(1, 1, 1, 1),
@@ -55,24 +55,6 @@ CI_BIAS = ("bias_B11S_minus_inf",)
 BF16_EXTRA = {"hv": HV_CASES["hv48_h32_causal_gqa"], "mask_padding": DENSE_CASES["mask_B11S_padding"],
               "mask_causal": DENSE_CASES["mask_1NTS_causal"]}
 CI_BF16_EXTRA = ("mask_padding",)
-
-
-def _named(names, ci=None, slow=False):
-  """``named_parameters`` arguments: the names in ``ci`` (or, with ``slow``, the others)."""
-  return [(n, n) for n in names if ci is None or ((n in ci) != slow)]
-
-
-def bias_inputs(case: dict, dtype, seed: int = 0):
-  """q, k, v, options and a bias of ``case["bias_shape"]`` (``-inf`` at ``neg_inf_keys`` of batch row 0)."""
-  q, k, v, opts = make_inputs(case, dtype, seed)
-  bias = np.random.default_rng(seed + 7).standard_normal(case["bias_shape"]).astype(np.float32)
-  for j in case.get("neg_inf_keys", ()):
-    bias[0, ..., j] = -np.inf
-  return q, k, v, opts, jnp.asarray(bias)
-
-
-def enable_x64():
-  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 class FlashInterpretTest(AttentionSuite):
@@ -105,38 +87,38 @@ class FlashInterpretTest(AttentionSuite):
     self.check_case(SLOW_CASES[name], jnp.float32)
     self.check_case(SLOW_CASES[name], jnp.bfloat16)
 
-  @parameterized.named_parameters(*_named(HV_CASES, CI_HV))
+  @parameterized.named_parameters(*named(HV_CASES, CI_HV))
   def test_value_head_dim(self, name):
     self.check_case(HV_CASES[name], jnp.float32)
 
-  @parameterized.named_parameters(*_named(HV_CASES, CI_HV, slow=True))
+  @parameterized.named_parameters(*named(HV_CASES, CI_HV, slow=True))
   @pytest.mark.slow
   def test_value_head_dim_slow(self, name):
     self.check_case(HV_CASES[name], jnp.float32)
 
-  @parameterized.named_parameters(*_named(DENSE_CASES, CI_DENSE))
+  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE))
   def test_dense_mask_and_bias(self, name):
     self.check_case(DENSE_CASES[name], jnp.float32)
 
-  @parameterized.named_parameters(*_named(DENSE_CASES, CI_DENSE, slow=True))
+  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE, slow=True))
   @pytest.mark.slow
   def test_dense_mask_and_bias_slow(self, name):
     self.check_case(DENSE_CASES[name], jnp.float32)
 
-  @parameterized.named_parameters(*_named(NAN_ALL, CI_NAN))
+  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN))
   def test_nan_isolation(self, name):
     self.check_nan_isolation(NAN_ALL[name], jnp.float32)
 
-  @parameterized.named_parameters(*_named(NAN_ALL, CI_NAN, slow=True))
+  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN, slow=True))
   @pytest.mark.slow
   def test_nan_isolation_slow(self, name):
     self.check_nan_isolation(NAN_ALL[name], jnp.float32)
 
-  @parameterized.named_parameters(*_named(BF16_EXTRA, CI_BF16_EXTRA))
+  @parameterized.named_parameters(*named(BF16_EXTRA, CI_BF16_EXTRA))
   def test_bfloat16_hv_and_dense(self, name):
     self.check_case(BF16_EXTRA[name], jnp.bfloat16)
 
-  @parameterized.named_parameters(*_named(BF16_EXTRA, CI_BF16_EXTRA, slow=True))
+  @parameterized.named_parameters(*named(BF16_EXTRA, CI_BF16_EXTRA, slow=True))
   @pytest.mark.slow
   def test_bfloat16_hv_and_dense_slow(self, name):
     self.check_case(BF16_EXTRA[name], jnp.bfloat16)
@@ -145,29 +127,14 @@ class FlashInterpretTest(AttentionSuite):
   def test_bfloat16_nan_isolation(self):
     self.check_nan_isolation(NAN_CASES["causal_gqa"], jnp.bfloat16)
 
-  @parameterized.named_parameters(*_named(BIAS_CASES, CI_BIAS))
+  @parameterized.named_parameters(*named(BIAS_CASES, CI_BIAS))
   def test_bias_gradient_shapes(self, name):
     self.check_bias_gradient(BIAS_CASES[name])
 
-  @parameterized.named_parameters(*_named(BIAS_CASES, CI_BIAS, slow=True))
+  @parameterized.named_parameters(*named(BIAS_CASES, CI_BIAS, slow=True))
   @pytest.mark.slow
   def test_bias_gradient_shapes_slow(self, name):
     self.check_bias_gradient(BIAS_CASES[name])
-
-  def check_bias_gradient(self, case: dict):
-    """dbias in the bias's own broadcast shape (summed over what it broadcasts over) and dq/dk/dv, against the
-    reference; -inf bias entries hide their keys like a mask."""
-    q, k, v, opts, bias = bias_inputs(case, jnp.float32)
-    ct = randn(np.random.default_rng(3), q.shape[:-1] + v.shape[-1:])
-    loss = lambda fn: lambda q, k, v, b: (fn(q, k, v, b, **opts) * ct).sum()
-    flash = lambda q, k, v, b, **o: self.attention(q, k, v, bias=b, **o)[0]
-    assert_close(flash(q, k, v, bias, **opts), aj.reference_attention(q, k, v, bias, **opts))
-    got = jax.grad(loss(flash), argnums=(0, 1, 2, 3))(q, k, v, bias)
-    want = jax.grad(loss(aj.reference_attention), argnums=(0, 1, 2, 3))(q, k, v, bias)
-    chex.assert_tree_all_finite(got)
-    for name_, g, w in zip(("dq", "dk", "dv", "dbias"), got, want):
-      self.assertEqual(g.shape, w.shape)
-      assert_close(g, w, jnp.float32, kind="grad", err_msg=name_)
 
   def test_nan_row_does_not_leak_into_hidden_keys(self):
     """A query row holding NaN makes its own output and logsumexp NaN; keys it cannot see (causal: j > i) must not
@@ -194,44 +161,10 @@ class FlashInterpretTest(AttentionSuite):
 
   @pytest.mark.slow
   def test_bias_minus_inf_hides_keys_and_garbage_there(self):
-    """A -inf bias hides its pair like a mask: NaN/Inf in the keys/values it hides, and NaN bias entries at pairs a
-    mask hides, change nothing; hidden keys get zero dk/dv and hidden pairs zero dbias."""
-    r = np.random.default_rng(4)
-    q, k, v = randn(r, (1, 20, 2, 16)), randn(r, (1, 24, 1, 16)), randn(r, (1, 24, 1, 8))
-    bias = r.standard_normal((1, 2, 20, 24)).astype(np.float32)
-    bias[..., [3, 17]] = -np.inf                 # keys 3 and 17 hidden from every query by the bias
-    bias[:, :, 4, :] = -np.inf                   # query 4 sees nothing
-    mask = np.ones((1, 1, 20, 24), bool)
-    mask[..., 20:] = False                       # keys 20..23 hidden by the mask ...
-    bias_garbage = bias.copy()
-    bias_garbage[..., 20:] = np.nan              # ... so the bias there may hold garbage
-    hidden = np.zeros((1, 24, 1), bool)
-    hidden[:, [3, 17, 20, 21, 22, 23]] = True
-    poison = lambda x: jnp.where(jnp.asarray(hidden)[..., None], jnp.asarray(np.nan, x.dtype), x)
-    ct = randn(r, (1, 20, 2, 8))
+    self.check_bias_hides_garbage()
 
-    def run(fn, q, k, v, b):
-      def loss(q, k, v, b):
-        out = fn(q, k, v, b, jnp.asarray(mask))
-        return (out * ct).sum(), out
-      (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)(q, k, v, b)
-      return out, grads
-
-    flash = lambda q, k, v, b, m: self.attention(q, k, v, bias=b, mask=m)[0]
-    out, grads = run(flash, q, k, v, jnp.asarray(bias))
-    out_p, grads_p = run(flash, q, poison(k), poison(v).at[:, 3].set(jnp.inf), jnp.asarray(bias_garbage))
-    want, want_grads = run(aj.reference_attention, q, k, v, jnp.asarray(bias))
-    assert_close(out, want)
-    np.testing.assert_array_equal(out[:, 4], 0.0)
-    for g, gp, w in zip(grads, grads_p, want_grads):
-      chex.assert_tree_all_finite((g, gp))
-      assert_close(g, w, kind="grad")
-      assert_close(gp, g, kind="grad")
-    np.testing.assert_array_equal(out_p, out)
-    for g in (grads_p[1], grads_p[2]):
-      np.testing.assert_array_equal(np.asarray(g)[:, [3, 17, 20, 21, 22, 23]], 0.0)
-    visible = mask & np.isfinite(bias)
-    np.testing.assert_array_equal(np.asarray(grads_p[3])[~np.broadcast_to(visible, bias.shape)], 0.0)
+  def test_batch_dims_and_zero_size(self):
+    self.check_batch_dims_and_zero_size()
 
   def test_default_block_sizes(self):
     case = dict(B=1, T=150, S=130, N=4, K=2, H=64, options=dict(is_causal=True))
@@ -421,22 +354,6 @@ class FlashApiTest(parameterized.TestCase):
       flash_gpu.BlockSizes(block_q=48)
     with self.assertRaisesRegex(ValueError, "power of two"):
       flash_gpu.BlockSizes(block_k=32.0)
-
-  def test_batch_dims_and_zero_size(self):
-    r = np.random.default_rng(7)
-    q, k, v = randn(r, (2, 3, 9, 4, 8)), randn(r, (2, 3, 11, 2, 8)), randn(r, (2, 3, 11, 2, 6))
-    lengths = jnp.asarray(r.integers(0, 12, (2, 3)), jnp.int32)
-    opts = dict(is_causal=True, key_value_seq_lengths=lengths)
-    out, res = flash_gpu.flash_attention(q, k, v, block_sizes=16, return_residual=True, **opts)
-    want, want_res = aj.reference_attention(q, k, v, return_residual=True, **opts)
-    chex.assert_shape((out, res), ((2, 3, 9, 4, 6), (2, 3, 9, 4)))
-    assert_close(out, want)
-    assert_close(res, want_res)
-    for a, b, c in ((q[:, :, :0], k, v), (q, k[:, :, :0], v[:, :, :0]), (q, k, v[..., :0])):
-      out, res = flash_gpu.flash_attention(a, b, c, return_residual=True)
-      chex.assert_shape((out, res), (a.shape[:-1] + c.shape[-1:], a.shape[:-1]))
-      np.testing.assert_array_equal(out, 0.0)
-      np.testing.assert_array_equal(res, jnp.finfo(jnp.float32).min)
 
   def test_reference_has_the_same_signature(self):
     q, k, v, opts = make_inputs(DENSE_CASES["bias_11TS_mask_B1T1"], jnp.float32)

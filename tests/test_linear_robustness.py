@@ -12,13 +12,10 @@ import pytest
 from jax.test_util import check_grads
 
 from attention_jax import linear
-from tests.helpers import assert_close, randn
+from tests.helpers import assert_close, enable_x64, randn
 
 FEATURE_MAPS = ("elu", "relu", "favor")
 
-
-def enable_x64():
-  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 def slow_unless(condition: bool, *values):

@@ -11,7 +11,7 @@ from absl.testing import parameterized
 
 import attention_jax as aj
 from attention_jax import scores
-from tests.helpers import assert_close, randn
+from tests.helpers import assert_close, enable_x64, randn
 
 
 def np_additive(p, q, k):
@@ -102,9 +102,6 @@ class ScoresTest(chex.TestCase):
 
 
 
-def enable_x64():
-  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
-
 
 _F32 = np.float32
 _GENERAL = {"W": np.ones((8, 4), _F32)}
@@ -147,16 +144,16 @@ BAD_INPUT = [
     (scores.project_keys, (_ADDITIVE, np.ones(4, _F32)), ValueError, r"k.shape=\(4,\)"),
     (scores.project_keys, (_ADDITIVE, np.ones((6, 4), np.int8)), TypeError, r"project_keys: k.*int8"),
     (scores.project_keys, ({"W": _ADDITIVE["W"]}, _K4), ValueError, r"dict with 'U'"),
-    (scores.init_general, (_RNG, 0, 4), ValueError, r"dq must be positive.*dq=0"),
-    (scores.init_general, (_RNG, 4, -2), ValueError, r"dk must be positive.*dk=-2"),
-    (scores.init_general, (_RNG, 4.0, 4), TypeError, r"dq must be a positive int.*dq=4\.0"),
-    (scores.init_general, (_RNG, 4, True), TypeError, r"dk.*bool.*dk=True"),
-    (scores.init_general, (_RNG, "4", 4), TypeError, r"dq.*dq='4'"),
+    (scores.init_general, (_RNG, 0, 4), ValueError, r"dq must be a positive int.*dq=0"),
+    (scores.init_general, (_RNG, 4, -2), ValueError, r"dk must be a positive int.*dk=-2"),
+    (scores.init_general, (_RNG, 4.0, 4), ValueError, r"dq must be a positive int.*dq=4\.0"),
+    (scores.init_general, (_RNG, 4, True), ValueError, r"dk.*bool.*dk=True"),
+    (scores.init_general, (_RNG, "4", 4), ValueError, r"dq.*dq='4'"),
     (scores.init_general, (_RNG, 4, 4, jnp.int32), TypeError, r"dtype must be a real floating dtype"),
-    (scores.init_additive, (_RNG, 4, 4, 0), ValueError, r"attn_dim must be positive.*attn_dim=0"),
-    (scores.init_additive, (_RNG, 4, 4, 2.5), TypeError, r"attn_dim.*attn_dim=2\.5"),
+    (scores.init_additive, (_RNG, 4, 4, 0), ValueError, r"attn_dim must be a positive int.*attn_dim=0"),
+    (scores.init_additive, (_RNG, 4, 4, 2.5), ValueError, r"attn_dim.*attn_dim=2\.5"),
     (scores.init_additive, (_RNG, -1, 4, 3), ValueError, r"dq=-1"),
-    (scores.init_additive, (_RNG, 4, None, 3), TypeError, r"dk=None"),
+    (scores.init_additive, (_RNG, 4, None, 3), ValueError, r"dk=None"),
 ]
 
 

@@ -10,11 +10,8 @@ from jax.test_util import check_grads
 
 import attention_jax as aj
 from attention_jax import sparse
-from tests.helpers import assert_close, np_softmax_attention, randn
+from tests.helpers import assert_close, enable_x64, np_softmax_attention, randn
 
-
-def enable_x64():
-  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 def grid(*rows: str) -> np.ndarray:

@@ -30,13 +30,10 @@ from jax import lax
 from jax.nn import initializers
 
 import attention_jax as aj
-from tests.helpers import assert_close, randn
+from tests.helpers import assert_close, enable_x64, randn
 
 WEIGHT_IMPLS = ("reference",)
 
-
-def enable_x64():
-  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 def copy_nnx_params(src: nnx.Module, dst: nnx.Module) -> None:

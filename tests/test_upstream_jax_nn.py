@@ -32,7 +32,7 @@ from flax import linen
 
 import attention_jax as aj
 from attention_jax import core
-from tests.helpers import assert_close, np_softmax_attention
+from tests.helpers import assert_close, enable_x64, np_softmax_attention
 
 IMPLS = ("reference", "xla", "blockwise", "pallas")
 KERNELS = ("pallas",)
@@ -47,9 +47,6 @@ JAX_MASK_DBIAS = (0.02, 0.02)            # testDotProductAttentionMask: dbias
 JAX_DEFAULT_BF16 = (0.01, 0.01)          # jtu.assertAllClose's default tolerance for bfloat16
 JAX_BIAS_GRAD_DBIAS = (0.1, 0.1)         # testDotProductAttentionBiasGradient: dbias
 
-
-def enable_x64():
-  return jax.enable_x64(True) if hasattr(jax, "enable_x64") else jax.experimental.enable_x64()
 
 
 def assert_upstream_close(actual, expected, tolerance, err_msg=""):
