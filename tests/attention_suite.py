@@ -65,6 +65,12 @@ CASES = {
     "h256": dict(B=1, T=33, S=33, N=1, K=1, H=256),
 }
 LOW_PRECISION_CASES = ("t17_causal", "t333_s200_causal_gqa", "t90_segments_causal", "soft_cap", "masked_rows")
+# The CI subset of CASES for the kernels that run every case (the rest are slow tests): between them they cover
+# T = 1, odd T != S both ways round, causal, GQA/MQA, segments, kv and query lengths, windows, soft-cap, rows with no
+# key and a padded head dim.
+CI_CASES = ("t1", "t333_s200_causal_gqa", "t90_segments_causal", "lengths", "window_causal", "soft_cap",
+            "masked_rows", "h80")
+CI_LOW_PRECISION = ("t333_s200_causal_gqa", "masked_rows")
 SLOW_CASES = {
     "t1000_causal_gqa": dict(B=1, T=1000, S=1000, N=8, K=2, H=64, options=dict(is_causal=True)),
     "t1000_s777_window_lengths": dict(B=2, T=1000, S=777, N=4, K=2, H=64,

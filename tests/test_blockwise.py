@@ -12,8 +12,8 @@ from jax.test_util import check_grads
 
 import attention_jax as aj
 from attention_jax import blockwise, core
-from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
-                                   AttentionSuite, make_inputs)
+from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES,
+                                   NAN_CASES, SLOW_CASES, AttentionSuite, make_inputs, named)
 from tests.helpers import assert_close, enable_x64, np_mask, np_softmax_attention, randn
 
 BLOCKWISE_CASES = {
@@ -27,6 +27,12 @@ NAN_SOFT_CAP = dict(B=2, T=30, S=37, N=2, K=1, H=16, input_scale=2.0,
 # bfloat16 subset of the dense suite (slow): masks only (the suite checks dbias at float32 tolerance, which a
 # backward taking delta = rowsum(dO * O) from the bfloat16 output cannot meet).
 BF16_DENSE = ("mask_B11S_padding", "mask_1NTS_causal")
+NAN_ALL = {**NAN_CASES, "soft_cap_lengths": NAN_SOFT_CAP}
+# The CI subsets (the rest run with -m slow). The Pallas kernels' CI runs other members of the dense and NaN suites.
+CI_BLOCKWISE = CI_CASES + ("bias_causal", "mask_gqa")
+CI_HV = ("hv48_h32_causal_gqa",)
+CI_DENSE = ("mask_1NTS_causal", "mask_B11S_padding", "bias_BNTS_lengths")
+CI_NAN = ("lengths", "window_segments", "soft_cap_lengths")
 
 
 
@@ -41,8 +47,13 @@ class BlockwiseTest(AttentionSuite):
   def attention(self, q, k, v, **options):
     return blockwise.blockwise_attention(q, k, v, chunk_sizes=self.chunks, return_residual=True, **options)
 
-  @parameterized.named_parameters(*((n, n) for n in BLOCKWISE_CASES))
+  @parameterized.named_parameters(*named(BLOCKWISE_CASES, CI_BLOCKWISE))
   def test_float32(self, name):
+    self.check_case(BLOCKWISE_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*named(BLOCKWISE_CASES, CI_BLOCKWISE, slow=True))
+  @pytest.mark.slow
+  def test_float32_slow(self, name):
     self.check_case(BLOCKWISE_CASES[name], jnp.float32)
 
   @parameterized.named_parameters(*((n, n) for n in SLOW_CASES))
@@ -50,23 +61,46 @@ class BlockwiseTest(AttentionSuite):
   def test_float32_long(self, name):
     self.check_case(SLOW_CASES[name], jnp.float32)
 
-  @parameterized.named_parameters(*((n, n) for n in HV_CASES))
+  @parameterized.named_parameters(*named(HV_CASES, CI_HV))
   def test_value_head_dim(self, name):
     self.chunks = self.SMALL
     self.check_case(HV_CASES[name], jnp.float32)
 
-  @parameterized.named_parameters(*((n, n) for n in DENSE_CASES))
+  @parameterized.named_parameters(*named(HV_CASES, CI_HV, slow=True))
+  @pytest.mark.slow
+  def test_value_head_dim_slow(self, name):
+    self.chunks = self.SMALL
+    self.check_case(HV_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE))
   def test_dense_mask_and_bias(self, name):
     self.chunks = self.SMALL
     self.check_case(DENSE_CASES[name], jnp.float32)
 
-  @parameterized.named_parameters(*((n, n) for n in {**NAN_CASES, "soft_cap_lengths": NAN_SOFT_CAP}))
+  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE, slow=True))
+  @pytest.mark.slow
+  def test_dense_mask_and_bias_slow(self, name):
+    self.chunks = self.SMALL
+    self.check_case(DENSE_CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN))
   def test_nan_isolation(self, name):
     self.chunks = self.SMALL
-    self.check_nan_isolation({**NAN_CASES, "soft_cap_lengths": NAN_SOFT_CAP}[name], jnp.float32)
+    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
 
-  @parameterized.named_parameters(*((n, n) for n in LOW_PRECISION_CASES))
+  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN, slow=True))
+  @pytest.mark.slow
+  def test_nan_isolation_slow(self, name):
+    self.chunks = self.SMALL
+    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
+
+  @parameterized.named_parameters(*named(LOW_PRECISION_CASES, CI_LOW_PRECISION))
   def test_bfloat16(self, name):
+    self.check_case(CASES[name], jnp.bfloat16)
+
+  @parameterized.named_parameters(*named(LOW_PRECISION_CASES, CI_LOW_PRECISION, slow=True))
+  @pytest.mark.slow
+  def test_bfloat16_slow(self, name):
     self.check_case(CASES[name], jnp.bfloat16)
 
   def test_bfloat16_value_head_dim(self):

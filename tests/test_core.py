@@ -192,16 +192,25 @@ class SemanticsTest(parameterized.TestCase):
       np.testing.assert_array_equal(np.asarray(gv)[:, i + 1:], 0.0)
       self.assertTrue(np.all(np.abs(np.asarray(gv)[:, :min(i + 1, S)]).sum(axis=(2, 3)) > 0))
 
-  def test_check_grads_reference_float64(self):
+  def _check_grads_reference_float64(self, options: str):
     with enable_x64():
       q, k, v = qkv(np.random.default_rng(9), T=5, S=6, dtype=jnp.float64)
       mask = jnp.asarray(np.random.default_rng(10).random((2, 1, 5, 6)) > 0.3)
       bias = randn(np.random.default_rng(11), (2, 4, 5, 6), jnp.float64)
-      for kw in (dict(), dict(is_causal=True, mask=mask, bias=bias),
-                 dict(logits_soft_cap=2.0, local_window_size=(1, 2), key_value_seq_lengths=jnp.array([4, 6]))):
-        f = lambda q, k, v: aj.dot_product_attention(q, k, v, implementation="reference", **kw)
-        self.assertEqual(f(q, k, v).dtype, jnp.float64)
-        check_grads(f, (q, k, v), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+      kw = dict(plain=dict(), masks=dict(is_causal=True, mask=mask, bias=bias),
+                structured=dict(logits_soft_cap=2.0, local_window_size=(1, 2),
+                                key_value_seq_lengths=jnp.array([4, 6])))[options]
+      f = lambda q, k, v: aj.dot_product_attention(q, k, v, implementation="reference", **kw)
+      self.assertEqual(f(q, k, v).dtype, jnp.float64)
+      check_grads(f, (q, k, v), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+
+  def test_check_grads_reference_float64(self):
+    self._check_grads_reference_float64("masks")
+
+  @parameterized.parameters("plain", "structured")
+  @pytest.mark.slow
+  def test_check_grads_reference_float64_slow(self, options):
+    self._check_grads_reference_float64(options)
 
   @parameterized.parameters("reference", "xla")
   def test_residual_is_logsumexp_without_gradient(self, implementation):

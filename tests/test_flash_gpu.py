@@ -22,8 +22,8 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 import attention_jax as aj
 from attention_jax import core
 from attention_jax.kernels import flash_gpu
-from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
-                                   AttentionSuite, bias_inputs, make_inputs, named)
+from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES,
+                                   NAN_CASES, SLOW_CASES, AttentionSuite, bias_inputs, make_inputs, named)
 from tests.helpers import assert_close, enable_x64, randn
 
 # Small tiles so that the short CI sequences still span many blocks, ragged last blocks, the causal diagonal and
@@ -70,12 +70,22 @@ class FlashInterpretTest(AttentionSuite):
     return flash_gpu.flash_attention(q, k, v, block_sizes=self.BLOCKS, interpret=self.INTERPRET,
                                      return_residual=True, **options)
 
-  @parameterized.named_parameters(*((n, n) for n in CASES))
+  @parameterized.named_parameters(*named(CASES, CI_CASES))
   def test_float32(self, name):
     self.check_case(CASES[name], jnp.float32)
 
-  @parameterized.named_parameters(*((n, n) for n in LOW_PRECISION_CASES))
+  @parameterized.named_parameters(*named(CASES, CI_CASES, slow=True))
+  @pytest.mark.slow
+  def test_float32_slow(self, name):
+    self.check_case(CASES[name], jnp.float32)
+
+  @parameterized.named_parameters(*named(LOW_PRECISION_CASES, CI_LOW_PRECISION))
   def test_bfloat16(self, name):
+    self.check_case(CASES[name], jnp.bfloat16)
+
+  @parameterized.named_parameters(*named(LOW_PRECISION_CASES, CI_LOW_PRECISION, slow=True))
+  @pytest.mark.slow
+  def test_bfloat16_slow(self, name):
     self.check_case(CASES[name], jnp.bfloat16)
 
   def test_float16(self):
@@ -285,6 +295,23 @@ class FlashApiTest(parameterized.TestCase):
     loss = lambda model: (model(x, mask=mask) ** 2).sum()
     g, w = nnx.grad(loss)(kernel), nnx.grad(loss)(reference)
     jax.tree.map(lambda a, b: assert_close(a, b, kind="grad"), nnx.state(g), nnx.state(w))
+
+  def test_float32_under_x64(self):
+    """jax_enable_x64 with float32 inputs (common in scientific code): the kernel's constants stay float32 (a
+    Python float or int in a select or an index map would turn float64 / int64 and break the kernel)."""
+    with enable_x64():
+      r = np.random.default_rng(6)
+      q = randn(r, (2, 40, 4, 16))
+      k, v = randn(r, (2, 40, 2, 16)), randn(r, (2, 40, 2, 16))
+      mask = jnp.asarray(r.random((2, 1, 40, 40)) > 0.2)
+      opts = dict(mask=mask, is_causal=True, key_value_seq_lengths=jnp.asarray([40, 23]))
+      f = lambda q, k, v: flash_gpu.flash_attention(q, k, v, block_sizes=16, **opts)
+      ref = lambda q, k, v: aj.reference_attention(q, k, v, **opts)
+      self.assertEqual(f(q, k, v).dtype, jnp.float32)
+      assert_close(f(q, k, v), ref(q, k, v))
+      loss = lambda fn: lambda *a: (fn(*a) ** 2).sum()
+      for g, w in zip(jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+        assert_close(g, w, kind="grad")
 
   def test_float64_is_refused_and_dispatch_falls_through(self):
     """float64 cannot run in the kernel (it computes in float32): UnsupportedError naming the alternatives; a

@@ -351,6 +351,23 @@ class FlashTpuApiTest(parameterized.TestCase):
       with self.assertRaisesRegex(core.UnsupportedError, "runs on TPU"):
         flash_tpu.flash_attention_tpu(q, k, v)
 
+  def test_float32_under_x64(self):
+    """jax_enable_x64 with float32 inputs (common in scientific code): the kernel's constants stay float32 (a
+    Python float or int in a select or an index map would turn float64 / int64 and break the kernel)."""
+    with enable_x64():
+      r = np.random.default_rng(6)
+      q = randn(r, (2, 40, 4, 16))
+      k, v = randn(r, (2, 40, 2, 16)), randn(r, (2, 40, 2, 16))
+      mask = jnp.asarray(r.random((2, 1, 40, 40)) > 0.2)
+      opts = dict(mask=mask, is_causal=True, key_value_seq_lengths=jnp.asarray([40, 23]))
+      f = lambda q, k, v: flash_tpu.flash_attention_tpu(q, k, v, **opts)
+      ref = lambda q, k, v: aj.reference_attention(q, k, v, **opts)
+      self.assertEqual(f(q, k, v).dtype, jnp.float32)
+      assert_close(f(q, k, v), ref(q, k, v))
+      loss = lambda fn: lambda *a: (fn(*a) ** 2).sum()
+      for g, w in zip(jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+        assert_close(g, w, kind="grad")
+
   def test_float64_is_refused_and_dispatch_falls_through(self):
     """float64 cannot run in the kernel (it computes in float32): UnsupportedError naming the alternatives; a
     sequence of implementations (as "auto" is on TPU) moves on to blockwise and stays in float64."""

@@ -196,7 +196,7 @@ def test_init_accepts_numpy_ints_and_float64_dtype():
   assert all(leaf.dtype == jnp.float64 for leaf in jax.tree.leaves(p64))
 
 
-@pytest.mark.parametrize("param_dtype", ["float64", "float32"])
+@pytest.mark.parametrize("param_dtype", ["float64", pytest.param("float32", marks=pytest.mark.slow)])
 def test_float64_computes_in_float64(param_dtype):
   """float64 inputs under x64 compute in float64, with float64 parameters or with float32 ones (promotion)."""
   r = np.random.default_rng(11)

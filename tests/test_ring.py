@@ -23,18 +23,20 @@ from tests.helpers import assert_close, np_mask, np_softmax_attention, randn
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-# Groups of tests/ring_worker.py checks; each group is one subprocess (about 40 CPU-seconds each for CI).
+# Groups of tests/ring_worker.py checks; each group is one subprocess. CI runs two (about 110 CPU-seconds together):
+# the 32-cell mesh x placement x call matrix with the edge cases, and causal / cross attention with lengths. The
+# rest (bfloat16, contiguous shards, work balance, the single-mesh checks the matrix also covers) run with -m slow.
 GROUPS = {
-    "causal": ["causal_gqa_float32", "causal_uneven_lengths_float32", "causal_bfloat16", "causal_contiguous_float32",
-               "work_balance"],
-    "cross_order_meshes": ["cross_lengths_float32", "noncausal_bfloat16", "zigzag_sequence_order",
-                           "explicit_mesh_sharded_inputs", "set_mesh_context_jit", "auto_mesh_and_vmap",
-                           "two_axis_mesh", "memory_analysis_is_per_device"],
-    # About 60 CPU-seconds: 32 mesh x placement x call cells, NaN tails, T = 1 / S = 1 / empty, a tuple axis.
+    "causal_and_cross": ["causal_gqa_float32", "causal_uneven_lengths_float32", "cross_lengths_float32",
+                         "two_axis_mesh"],
+    # 32 mesh x placement x call cells, NaN tails, T = 1 / S = 1 / empty, a tuple axis.
     "matrix_and_edges": ["mesh_placement_matrix", "nan_beyond_lengths", "tiny_and_empty_sequences",
                          "tuple_axis_and_value_head_dim"],
 }
 SLOW_GROUPS = {
+    "causal_more": ["causal_bfloat16", "causal_contiguous_float32", "work_balance"],
+    "order_and_meshes": ["noncausal_bfloat16", "zigzag_sequence_order", "explicit_mesh_sharded_inputs",
+                         "set_mesh_context_jit", "auto_mesh_and_vmap", "memory_analysis_is_per_device"],
     "large_and_pallas": ["causal_t1000_gqa_default_chunks", "pallas_per_shard_interpret"],
     "full_matrix": ["mesh_placement_matrix_full"],
 }

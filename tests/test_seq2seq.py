@@ -42,7 +42,8 @@ def varied_batch(width=7, lengths=(7, 3, 5, 1)):
   return src, batch.tgt_in[:, :width]   # any decoder inputs will do
 
 
-@pytest.mark.parametrize("attention", ATTENDING)
+@pytest.mark.parametrize("attention", [a if a in ("bahdanau", "luong_general") else pytest.param(a, marks=pytest.mark.slow)
+                                       for a in ATTENDING])
 def test_weights_sum_to_one_over_valid_source_and_zero_on_padding(attention):
   src, tgt_in = varied_batch()
   model = tiny_model(attention)

@@ -218,7 +218,8 @@ def test_float32_matches_reference(name, is_causal, shape):
   check_against_reference(PATTERNS[name], *_inputs(SHAPES[shape], jnp.float32), is_causal=is_causal)
 
 
-@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("name", [n if n in ("strided", "bigbird") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in PATTERNS])
 def test_bfloat16_matches_reference(name):
   check_against_reference(PATTERNS[name], *_inputs(SHAPES["t45_gqa"], jnp.bfloat16), is_causal=True)
 
@@ -384,8 +385,8 @@ def _garbage_like(x: jax.Array, where_T: np.ndarray) -> jax.Array:
 @pytest.mark.parametrize("name,T,S,is_causal", [
     ("local", 37, 20, False),       # queries 25.. see nothing
     ("strided", 20, 33, True),      # keys 20.. are seen by no query (causal)
-    ("fixed", 20, 33, True),
-    ("global", 20, 33, True),
+    pytest.param("fixed", 20, 33, True, marks=pytest.mark.slow),
+    pytest.param("global", 20, 33, True, marks=pytest.mark.slow),
     ("bigbird", 20, 33, True)])
 def test_garbage_the_pattern_hides_never_leaks(name, T, S, is_causal):
   pattern = PATTERNS[name]
@@ -450,7 +451,8 @@ def test_forward_mode_and_second_order_match_the_reference(name):
     opts = dict(is_causal=True, block_size=2)
     f = lambda q, k, v: sparse.sparse_attention(q, k, v, TINY_PATTERNS[name], **opts)
     ref = lambda q, k, v: sparse.sparse_attention_reference(q, k, v, TINY_PATTERNS[name], **opts)
-    check_grads(f, (q, k, v), order=2, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
+    # First order against finite differences; second order against the reference's own derivatives below.
+    check_grads(f, (q, k, v), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
     tangents = tuple(randn(np.random.default_rng(i), x.shape, jnp.float64) for i, x in enumerate((q, k, v)))
     assert_close(jax.jvp(f, (q, k, v), tangents)[1], jax.jvp(ref, (q, k, v), tangents)[1], jnp.float64)
     assert_close(jax.jacfwd(f, argnums=1)(q, k, v), jax.jacfwd(ref, argnums=1)(q, k, v), jnp.float64)
@@ -466,7 +468,7 @@ def test_forward_mode_and_second_order_match_the_reference(name):
                  jax.grad(lambda q: jnp.sin(inner(ref)(q)).sum())(q), jnp.float64, kind="grad")
 
 
-@pytest.mark.parametrize("jit", [False, True])
+@pytest.mark.parametrize("jit", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_debug_infs_and_nans_stay_silent(jit):
   """Rows with no visible key (queries 25.. below) keep -inf internal: outputs, residuals and gradients are finite
   under jax.debug_infs / jax.debug_nans, for one component and for merged components."""

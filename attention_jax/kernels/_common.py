@@ -7,6 +7,12 @@ from typing import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+# float32 constants for in-kernel selects: Python floats in ``jnp.where(c, 1.0, 0.0)`` become float64 under
+# ``jax_enable_x64`` and break the kernels' float32 loop carries.
+F32_0 = np.float32(0.0)
+F32_1 = np.float32(1.0)
 
 _SECOND_ORDER = ("differentiating the Pallas flash kernel's {what} (second-order or forward-mode autodiff through "
                  "a custom VJP that was computed inside a separately jitted function) is not supported; use "

@@ -38,7 +38,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention_jax import _tiling, core
-from attention_jax.kernels._common import flash_custom_vjp
+from attention_jax.kernels._common import F32_0, F32_1, flash_custom_vjp
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -315,8 +315,8 @@ def _fwd_kernel(r: dict, o_ref, lse_ref, *, cfg: _Config):
       kv_seg = r["kv_seg"][pl.ds(k0, bk)] if cfg.has_seg else None
       s, vis = _masked_scores(cfg, s, q0, k0, q_len, kv_limit, q_seg, kv_seg, *_cols_tiles(cfg, r, k0, bk))
       v_ok = jnp.isfinite(v)
-      v_bad = jnp.max(jnp.where(v_ok, 0.0, 1.0), axis=1)                              # [bk]
-      bad = jnp.maximum(bad, jnp.max(jnp.where(vis & (v_bad[None, :] > 0.0), 1.0, 0.0), axis=1))
+      v_bad = jnp.max(jnp.where(v_ok, F32_0, F32_1), axis=1)                              # [bk]
+      bad = jnp.maximum(bad, jnp.max(jnp.where(vis & (v_bad[None, :] > 0.0), F32_1, F32_0), axis=1))
       v = jnp.where(v_ok, v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)     # rows that have seen no key yet

@@ -56,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attention_jax import _tiling, core
-from attention_jax.kernels._common import flash_custom_vjp
+from attention_jax.kernels._common import F32_0, F32_1, flash_custom_vjp
 
 LANES = 128      # TPU vector register: 8 sublanes x 128 lanes (of 32-bit values)
 SUBLANES = 8
@@ -378,8 +378,8 @@ def _fwd_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config)
       # P @ V multiplies only finite values; rows that see a non-finite value are counted and become NaN.
       v_bad = jnp.logical_not(_finite(v))                                          # [bk, Hvp]
       v = jnp.where(v_bad, jnp.zeros_like(v), v)
-      bad_keys = jnp.max(jnp.where(v_bad, 1.0, 0.0), axis=1, keepdims=True)        # [bk, 1]
-      bad_ref[...] += _dot(jnp.where(vis, 1.0, 0.0).astype(jnp.bfloat16),          # exact 0/1 counts
+      bad_keys = jnp.max(jnp.where(v_bad, F32_1, F32_0), axis=1, keepdims=True)        # [bk, 1]
+      bad_ref[...] += _dot(jnp.where(vis, F32_1, F32_0).astype(jnp.bfloat16),          # exact 0/1 counts
                            jnp.broadcast_to(bad_keys, (bk, LANES)).astype(jnp.bfloat16))
     m_prev = m_ref[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))   # [bq, 128]
@@ -473,11 +473,12 @@ def _specs_q_major(cfg: _Config, bq: int, bk: int):
     lo, hi, _, _ = _kv_blocks(cfg, i, bq, bk, q_len_ref[b], kv_len_ref[b])
     return _clamp(j, lo, hi, nk)
 
+  kv_head = lambda n: _tiling.floordiv(n, G)
   return dict(
       q=pl.BlockSpec((None, bq, hp), lambda b, n, i, j, *_: (b, i, n)),
       o=pl.BlockSpec((None, bq, hvp), lambda b, n, i, j, *_: (b, i, n)),
-      k=pl.BlockSpec((None, bk, hp), lambda b, n, i, j, *lens: (b, kv_block(b, i, j, *lens), lax.div(n, G))),
-      v=pl.BlockSpec((None, bk, hvp), lambda b, n, i, j, *lens: (b, kv_block(b, i, j, *lens), lax.div(n, G))),
+      k=pl.BlockSpec((None, bk, hp), lambda b, n, i, j, *lens: (b, kv_block(b, i, j, *lens), kv_head(n))),
+      v=pl.BlockSpec((None, bk, hvp), lambda b, n, i, j, *lens: (b, kv_block(b, i, j, *lens), kv_head(n))),
       rows=pl.BlockSpec((None, None, SUBLANES, bq), lambda b, n, i, j, *_: (b, n, 0, i)),
       tile=lambda b, n, i, j, *lens: (b, n, i, kv_block(b, i, j, *lens)),
   )
@@ -654,8 +655,8 @@ def _dbias(cfg: _Config, q, k, v, d_out, lse, delta, q_len, kv_len, ops: _Operan
   rows = pl.BlockSpec((None, None, SUBLANES, bq), _on_tile(tile, lambda b, n, i, j: (b, n, 0, i)))
   in_specs = [
       pl.BlockSpec((None, bq, hp), _on_tile(tile, lambda b, n, i, j: (b, i, n))),
-      pl.BlockSpec((None, bk, hp), _on_tile(tile, lambda b, n, i, j: (b, j, lax.div(n, G)))),
-      pl.BlockSpec((None, bk, hvp), _on_tile(tile, lambda b, n, i, j: (b, j, lax.div(n, G)))),
+      pl.BlockSpec((None, bk, hp), _on_tile(tile, lambda b, n, i, j: (b, j, _tiling.floordiv(n, G)))),
+      pl.BlockSpec((None, bk, hvp), _on_tile(tile, lambda b, n, i, j: (b, j, _tiling.floordiv(n, G)))),
       pl.BlockSpec((None, bq, hvp), _on_tile(tile, lambda b, n, i, j: (b, i, n))),
       rows, rows,
   ]
