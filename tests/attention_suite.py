@@ -13,6 +13,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 import attention_jax as aj
@@ -71,6 +72,7 @@ LOW_PRECISION_CASES = ("t17_causal", "t333_s200_causal_gqa", "t90_segments_causa
 CI_CASES = ("t1", "t333_s200_causal_gqa", "t90_segments_causal", "lengths", "window_causal", "soft_cap",
             "masked_rows", "h80")
 CI_LOW_PRECISION = ("t333_s200_causal_gqa", "masked_rows")
+LOW_PRECISION = {n: CASES[n] for n in LOW_PRECISION_CASES}
 SLOW_CASES = {
     "t1000_causal_gqa": dict(B=1, T=1000, S=1000, N=8, K=2, H=64, options=dict(is_causal=True)),
     "t1000_s777_window_lengths": dict(B=2, T=1000, S=777, N=4, K=2, H=64,
@@ -108,6 +110,21 @@ NAN_CASES = {
 def named(names, ci=None, slow=False):
   """``named_parameters`` arguments: the names in ``ci`` (or, with ``slow``, the others; all with ``ci=None``)."""
   return [(n, n) for n in names if ci is None or ((n in ci) != slow)]
+
+
+def ci_and_slow(cases: dict, ci, method: str, *args):
+  """Two parameterized test methods over ``cases``: the names in ``ci`` (CI) and the rest (marked slow). Each runs
+  ``self.<method>(case, *args)``. In a class body: ``test_x, test_x_slow = ci_and_slow(
+      CASES, CI, "check_case", dtype)``.
+  """
+  def fast(self, name):
+    getattr(self, method)(cases[name], *args)
+
+  def slow(self, name):
+    getattr(self, method)(cases[name], *args)
+
+  return (parameterized.named_parameters(*named(cases, ci))(fast),
+          parameterized.named_parameters(*named(cases, ci, slow=True))(pytest.mark.slow(slow)))
 
 
 def bias_inputs(case: dict, dtype, seed: int = 0):

@@ -12,8 +12,8 @@ from jax.test_util import check_grads
 
 import attention_jax as aj
 from attention_jax import blockwise, core
-from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES,
-                                   NAN_CASES, SLOW_CASES, AttentionSuite, make_inputs, named)
+from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION, NAN_CASES,
+                                   SLOW_CASES, AttentionSuite, ci_and_slow, make_inputs)
 from tests.helpers import assert_close, enable_x64, np_mask, np_softmax_attention, randn
 
 BLOCKWISE_CASES = {
@@ -47,61 +47,26 @@ class BlockwiseTest(AttentionSuite):
   def attention(self, q, k, v, **options):
     return blockwise.blockwise_attention(q, k, v, chunk_sizes=self.chunks, return_residual=True, **options)
 
-  @parameterized.named_parameters(*named(BLOCKWISE_CASES, CI_BLOCKWISE))
-  def test_float32(self, name):
-    self.check_case(BLOCKWISE_CASES[name], jnp.float32)
+  def check_case_small(self, case, dtype):
+    self.chunks = self.SMALL
+    self.check_case(case, dtype)
 
-  @parameterized.named_parameters(*named(BLOCKWISE_CASES, CI_BLOCKWISE, slow=True))
-  @pytest.mark.slow
-  def test_float32_slow(self, name):
-    self.check_case(BLOCKWISE_CASES[name], jnp.float32)
+  def check_nan_isolation_small(self, case, dtype):
+    self.chunks = self.SMALL
+    self.check_nan_isolation(case, dtype)
+
+  test_float32, test_float32_slow = ci_and_slow(BLOCKWISE_CASES, CI_BLOCKWISE, "check_case", jnp.float32)
 
   @parameterized.named_parameters(*((n, n) for n in SLOW_CASES))
   @pytest.mark.slow
   def test_float32_long(self, name):
     self.check_case(SLOW_CASES[name], jnp.float32)
 
-  @parameterized.named_parameters(*named(HV_CASES, CI_HV))
-  def test_value_head_dim(self, name):
-    self.chunks = self.SMALL
-    self.check_case(HV_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(HV_CASES, CI_HV, slow=True))
-  @pytest.mark.slow
-  def test_value_head_dim_slow(self, name):
-    self.chunks = self.SMALL
-    self.check_case(HV_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE))
-  def test_dense_mask_and_bias(self, name):
-    self.chunks = self.SMALL
-    self.check_case(DENSE_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE, slow=True))
-  @pytest.mark.slow
-  def test_dense_mask_and_bias_slow(self, name):
-    self.chunks = self.SMALL
-    self.check_case(DENSE_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN))
-  def test_nan_isolation(self, name):
-    self.chunks = self.SMALL
-    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN, slow=True))
-  @pytest.mark.slow
-  def test_nan_isolation_slow(self, name):
-    self.chunks = self.SMALL
-    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(LOW_PRECISION_CASES, CI_LOW_PRECISION))
-  def test_bfloat16(self, name):
-    self.check_case(CASES[name], jnp.bfloat16)
-
-  @parameterized.named_parameters(*named(LOW_PRECISION_CASES, CI_LOW_PRECISION, slow=True))
-  @pytest.mark.slow
-  def test_bfloat16_slow(self, name):
-    self.check_case(CASES[name], jnp.bfloat16)
+  test_value_head_dim, test_value_head_dim_slow = ci_and_slow(HV_CASES, CI_HV, "check_case_small", jnp.float32)
+  test_dense_mask_and_bias, test_dense_mask_and_bias_slow = ci_and_slow(
+      DENSE_CASES, CI_DENSE, "check_case_small", jnp.float32)
+  test_nan_isolation, test_nan_isolation_slow = ci_and_slow(NAN_ALL, CI_NAN, "check_nan_isolation_small", jnp.float32)
+  test_bfloat16, test_bfloat16_slow = ci_and_slow(LOW_PRECISION, CI_LOW_PRECISION, "check_case", jnp.bfloat16)
 
   def test_bfloat16_value_head_dim(self):
     self.chunks = self.SMALL

@@ -22,8 +22,9 @@ from jax.sharding import AbstractDevice, AbstractMesh, use_abstract_mesh
 import attention_jax as aj
 from attention_jax import core
 from attention_jax.kernels import flash_gpu
-from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES,
-                                   NAN_CASES, SLOW_CASES, AttentionSuite, bias_inputs, make_inputs, named)
+from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION,
+                                   LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES, AttentionSuite, bias_inputs, ci_and_slow,
+                                   make_inputs)
 from tests.helpers import assert_close, enable_x64, randn
 
 # Small tiles so that the short CI sequences still span many blocks, ragged last blocks, the causal diagonal and
@@ -55,6 +56,8 @@ CI_BIAS = ("bias_B11S_minus_inf",)
 BF16_EXTRA = {"hv": HV_CASES["hv48_h32_causal_gqa"], "mask_padding": DENSE_CASES["mask_B11S_padding"],
               "mask_causal": DENSE_CASES["mask_1NTS_causal"]}
 CI_BF16_EXTRA = ("mask_padding",)
+LONGEST_FIRST_CASES = {"causal_gqa": CASES["t333_s200_causal_gqa"], "window_causal": CASES["window_causal"],
+                       "not_causal": CASES["t200_s333_gqa"]}
 
 
 class FlashInterpretTest(AttentionSuite):
@@ -70,23 +73,8 @@ class FlashInterpretTest(AttentionSuite):
     return flash_gpu.flash_attention(q, k, v, block_sizes=self.BLOCKS, interpret=self.INTERPRET,
                                      return_residual=True, **options)
 
-  @parameterized.named_parameters(*named(CASES, CI_CASES))
-  def test_float32(self, name):
-    self.check_case(CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(CASES, CI_CASES, slow=True))
-  @pytest.mark.slow
-  def test_float32_slow(self, name):
-    self.check_case(CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(LOW_PRECISION_CASES, CI_LOW_PRECISION))
-  def test_bfloat16(self, name):
-    self.check_case(CASES[name], jnp.bfloat16)
-
-  @parameterized.named_parameters(*named(LOW_PRECISION_CASES, CI_LOW_PRECISION, slow=True))
-  @pytest.mark.slow
-  def test_bfloat16_slow(self, name):
-    self.check_case(CASES[name], jnp.bfloat16)
+  test_float32, test_float32_slow = ci_and_slow(CASES, CI_CASES, "check_case", jnp.float32)
+  test_bfloat16, test_bfloat16_slow = ci_and_slow(LOW_PRECISION, CI_LOW_PRECISION, "check_case", jnp.bfloat16)
 
   def test_float16(self):
     self.check_case(CASES["window_causal"], jnp.float16)
@@ -97,54 +85,18 @@ class FlashInterpretTest(AttentionSuite):
     self.check_case(SLOW_CASES[name], jnp.float32)
     self.check_case(SLOW_CASES[name], jnp.bfloat16)
 
-  @parameterized.named_parameters(*named(HV_CASES, CI_HV))
-  def test_value_head_dim(self, name):
-    self.check_case(HV_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(HV_CASES, CI_HV, slow=True))
-  @pytest.mark.slow
-  def test_value_head_dim_slow(self, name):
-    self.check_case(HV_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE))
-  def test_dense_mask_and_bias(self, name):
-    self.check_case(DENSE_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE, slow=True))
-  @pytest.mark.slow
-  def test_dense_mask_and_bias_slow(self, name):
-    self.check_case(DENSE_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN))
-  def test_nan_isolation(self, name):
-    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN, slow=True))
-  @pytest.mark.slow
-  def test_nan_isolation_slow(self, name):
-    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(BF16_EXTRA, CI_BF16_EXTRA))
-  def test_bfloat16_hv_and_dense(self, name):
-    self.check_case(BF16_EXTRA[name], jnp.bfloat16)
-
-  @parameterized.named_parameters(*named(BF16_EXTRA, CI_BF16_EXTRA, slow=True))
-  @pytest.mark.slow
-  def test_bfloat16_hv_and_dense_slow(self, name):
-    self.check_case(BF16_EXTRA[name], jnp.bfloat16)
+  test_value_head_dim, test_value_head_dim_slow = ci_and_slow(HV_CASES, CI_HV, "check_case", jnp.float32)
+  test_dense_mask_and_bias, test_dense_mask_and_bias_slow = ci_and_slow(
+      DENSE_CASES, CI_DENSE, "check_case", jnp.float32)
+  test_nan_isolation, test_nan_isolation_slow = ci_and_slow(NAN_ALL, CI_NAN, "check_nan_isolation", jnp.float32)
+  test_bfloat16_hv_and_dense, test_bfloat16_hv_and_dense_slow = ci_and_slow(
+      BF16_EXTRA, CI_BF16_EXTRA, "check_case", jnp.bfloat16)
 
   @pytest.mark.slow
   def test_bfloat16_nan_isolation(self):
     self.check_nan_isolation(NAN_CASES["causal_gqa"], jnp.bfloat16)
 
-  @parameterized.named_parameters(*named(BIAS_CASES, CI_BIAS))
-  def test_bias_gradient_shapes(self, name):
-    self.check_bias_gradient(BIAS_CASES[name])
-
-  @parameterized.named_parameters(*named(BIAS_CASES, CI_BIAS, slow=True))
-  @pytest.mark.slow
-  def test_bias_gradient_shapes_slow(self, name):
-    self.check_bias_gradient(BIAS_CASES[name])
+  test_bias_gradient_shapes, test_bias_gradient_shapes_slow = ci_and_slow(BIAS_CASES, CI_BIAS, "check_bias_gradient")
 
   def test_nan_row_does_not_leak_into_hidden_keys(self):
     """A query row holding NaN makes its own output and logsumexp NaN; keys it cannot see (causal: j > i) must not
@@ -182,12 +134,13 @@ class FlashInterpretTest(AttentionSuite):
     got = flash_gpu.flash_attention(q, k, v, interpret=self.INTERPRET, **opts)
     assert_close(got, flash_gpu.flash_attention_reference(q, k, v, **opts))
 
-  @parameterized.named_parameters(("causal_gqa", "t333_s200_causal_gqa"), ("window_causal", "window_causal"),
-                                  ("not_causal", "t200_s333_gqa"))
-  def test_longest_first(self, name):
+  def check_longest_first(self, case):
     """Reversed query-block launch order (forward and dQ grids) computes the same function."""
     self.BLOCKS = dataclasses.replace(self.BLOCKS, longest_first=True)
-    self.check_case(CASES[name], jnp.float32)
+    self.check_case(case, jnp.float32)
+
+  test_longest_first, test_longest_first_slow = ci_and_slow(
+      LONGEST_FIRST_CASES, ("causal_gqa",), "check_longest_first")
 
   def test_vmap_and_jit(self):
     q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)

@@ -27,7 +27,7 @@ import attention_jax as aj
 from attention_jax import core
 from attention_jax.kernels import flash_tpu
 from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
-                                   AttentionSuite, bias_inputs, make_inputs, named)
+                                   AttentionSuite, ci_and_slow, make_inputs, named)
 from tests.helpers import assert_close, enable_x64, np_mask, np_softmax_attention, randn
 
 # The smallest TPU tiles (128), with 256 in two backward tiles: the CI sequences still span several blocks, ragged
@@ -115,45 +115,17 @@ class FlashTpuInterpretTest(AttentionSuite):
     self.check_case(SLOW_CASES[name], jnp.float32)
     self.check_case(SLOW_CASES[name], jnp.bfloat16)
 
-  @parameterized.named_parameters(*named(HV_CASES, CI_HV))
-  def test_value_head_dim(self, name):
-    self.check_case(HV_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(HV_CASES, CI_HV, slow=True))
-  @pytest.mark.slow
-  def test_value_head_dim_slow(self, name):
-    self.check_case(HV_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE))
-  def test_dense_mask_and_bias(self, name):
-    self.check_case(DENSE_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(DENSE_CASES, CI_DENSE, slow=True))
-  @pytest.mark.slow
-  def test_dense_mask_and_bias_slow(self, name):
-    self.check_case(DENSE_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN))
-  def test_nan_isolation(self, name):
-    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
-
-  @parameterized.named_parameters(*named(NAN_ALL, CI_NAN, slow=True))
-  @pytest.mark.slow
-  def test_nan_isolation_slow(self, name):
-    self.check_nan_isolation(NAN_ALL[name], jnp.float32)
+  test_value_head_dim, test_value_head_dim_slow = ci_and_slow(HV_CASES, CI_HV, "check_case", jnp.float32)
+  test_dense_mask_and_bias, test_dense_mask_and_bias_slow = ci_and_slow(
+      DENSE_CASES, CI_DENSE, "check_case", jnp.float32)
+  test_nan_isolation, test_nan_isolation_slow = ci_and_slow(NAN_ALL, CI_NAN, "check_nan_isolation", jnp.float32)
 
   @pytest.mark.slow
   def test_bfloat16_nan_isolation(self):
     self.check_nan_isolation(NAN_CASES["causal_gqa"], jnp.bfloat16)
 
-  @parameterized.named_parameters(*named(BF16_EXTRA, CI_BF16_EXTRA))
-  def test_bfloat16_hv_and_dense(self, name):
-    self.check_case(BF16_EXTRA[name], jnp.bfloat16)
-
-  @parameterized.named_parameters(*named(BF16_EXTRA, CI_BF16_EXTRA, slow=True))
-  @pytest.mark.slow
-  def test_bfloat16_hv_and_dense_slow(self, name):
-    self.check_case(BF16_EXTRA[name], jnp.bfloat16)
+  test_bfloat16_hv_and_dense, test_bfloat16_hv_and_dense_slow = ci_and_slow(
+      BF16_EXTRA, CI_BF16_EXTRA, "check_case", jnp.bfloat16)
 
   @parameterized.named_parameters(*named(BIAS_CASES, CI_BIAS))
   def test_bias_gradient_shapes(self, name):
