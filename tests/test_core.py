@@ -12,7 +12,7 @@ from hypothesis import given, settings, strategies as st
 from jax.test_util import check_grads
 
 import attention_jax as aj
-from tests.attention_suite import DENSE_CASES, HV_CASES, NAN_CASES, AttentionSuite
+from tests.attention_suite import DENSE_CASES, HV_CASES, NAN_CASES, AttentionSuite, ci_and_slow
 from tests.helpers import assert_close, enable_x64, np_mask, np_softmax_attention, qkv, randn
 
 DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -534,25 +534,19 @@ class _DispatchSuite(AttentionSuite):
 class ReferenceSuiteTest(_DispatchSuite):
   """The shared suite through dot_product_attention: Hv != H, dense masks, garbage at hidden positions."""
 
-  @parameterized.named_parameters(*((n, n) for n in {**HV_CASES, **DENSE_CASES}))
-  def test_case(self, name):
-    self.check_case({**HV_CASES, **DENSE_CASES}[name], jnp.float32)
-
-  @parameterized.named_parameters(*((n, n) for n in NAN_CASES))
-  def test_nan_isolation(self, name):
-    self.check_nan_isolation(NAN_CASES[name], jnp.float32)
+  test_case, test_case_slow = ci_and_slow({**HV_CASES, **DENSE_CASES}, (
+      "hv48_h32_causal_gqa", "mask_1NTS_causal", "bias_BNTS_lengths"), "check_case", jnp.float32)
+  test_nan_isolation, test_nan_isolation_slow = ci_and_slow(NAN_CASES, ("causal_gqa", "window_segments"),
+                                                            "check_nan_isolation", jnp.float32)
 
 
 class XlaSuiteTest(_DispatchSuite):
   IMPLEMENTATION = "xla"
 
-  @parameterized.named_parameters(*((n, n) for n in DENSE_CASES))
-  def test_case(self, name):
-    self.check_case(DENSE_CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*((n, n) for n in NAN_CASES))
-  def test_nan_isolation(self, name):
-    self.check_nan_isolation(NAN_CASES[name], jnp.float32)
+  test_case, test_case_slow = ci_and_slow(DENSE_CASES, ("mask_B11S_padding", "bias_11TS_mask_B1T1"), "check_case",
+                                          jnp.float32)
+  test_nan_isolation, test_nan_isolation_slow = ci_and_slow(NAN_CASES, ("lengths", "mask_padding"),
+                                                            "check_nan_isolation", jnp.float32)
 
 
 class DebugChecksTest(parameterized.TestCase):

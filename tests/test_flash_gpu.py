@@ -40,7 +40,8 @@ NAN_ALL = {**NAN_CASES, "soft_cap_lengths": NAN_SOFT_CAP}
 # (column sums from every query block), over key columns (row sums), over everything (a scalar bias). ``-inf``
 # entries hide keys like a mask does.
 BIAS_CASES = {
-    "bias_B11S_minus_inf": dict(B=2, T=20, S=37, N=2, K=1, H=16, bias_shape=(2, 1, 1, 37), neg_inf=(0, Ellipsis, [3, 30])),
+    "bias_B11S_minus_inf": dict(B=2, T=20, S=37, N=2, K=1, H=16, bias_shape=(2, 1, 1, 37),
+                                neg_inf=(0, Ellipsis, [3, 30])),
     "bias_1NT1_causal": dict(B=2, T=24, S=24, N=4, K=2, H=16, bias_shape=(1, 4, 24, 1),
                              options=dict(is_causal=True)),
     "bias_1111_window_lengths": dict(B=2, T=20, S=30, N=2, K=2, H=16, bias_shape=(1, 1, 1, 1),

@@ -168,7 +168,7 @@ def test_appending_padded_keys_changes_nothing(fmap, causal):
   assert_close(got, want)
 
 
-@pytest.mark.parametrize("fmap,causal", [slow_unless(causal, fmap, causal)
+@pytest.mark.parametrize("fmap,causal", [slow_unless(causal and fmap == "favor", fmap, causal)
                                          for fmap in FEATURE_MAPS for causal in (False, True)])
 def test_rows_without_keys_are_zero_with_finite_grads(fmap, causal):
   q, k, v, _ = make_inputs(dict(B=2, T=7, S=7, N=2, K=1, H=8))
@@ -197,7 +197,8 @@ def test_relu_zero_denominator(causal):
   np.testing.assert_array_equal(np.asarray(dq[0, 2]), 0.0)
 
 
-@pytest.mark.parametrize("fmap,causal,scale", [slow_unless(causal and scale == 1000.0, fmap, causal, scale)
+@pytest.mark.parametrize("fmap,causal,scale", [slow_unless(causal and scale == 1000.0 and fmap == "favor", fmap, causal,
+                                                           scale)
                                                for fmap in FEATURE_MAPS for causal in (False, True)
                                                for scale in (30.0, 1000.0)])
 def test_large_bfloat16_inputs_stay_finite_and_bounded(fmap, causal, scale):

@@ -237,7 +237,7 @@ def test_float32_numpy_oracle(name, is_causal):
   assert_close(lse, want_lse.transpose(0, 2, 1))
 
 
-@pytest.mark.parametrize("name,is_causal", [("strided", True), ("bigbird", True),
+@pytest.mark.parametrize("name,is_causal", [("strided", True), pytest.param("bigbird", True, marks=pytest.mark.slow),
                                              pytest.param("global", False, marks=pytest.mark.slow)])
 def test_float64_end_to_end(name, is_causal):
   """float64 inputs compute in float64: ~1e-12 against the NumPy oracle (a float32 step would miss by ~1e-7), and
@@ -273,7 +273,7 @@ def test_dense_patterns_and_large_blocks(pattern, block_size):
   check_against_reference(pattern, q, k, v, is_causal=False, block_size=block_size)
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("dtype", [jnp.float32, pytest.param(jnp.bfloat16, marks=pytest.mark.slow)])
 def test_rows_without_keys(dtype):
   """Queries past every key they may see return zeros (lse -inf) with finite gradients."""
   q, k, v = _inputs(dict(B=2, T=20, S=4, N=2, K=1, H=16), dtype)
@@ -291,7 +291,8 @@ def test_rows_without_keys(dtype):
   np.testing.assert_array_equal(np.asarray(lse, np.float32), no_key)
 
 
-@pytest.mark.parametrize("name", list(PATTERNS))
+@pytest.mark.parametrize("name", [n if n in ("strided", "bigbird") else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in PATTERNS])
 def test_keys_outside_the_pattern_get_no_gradient(name):
   """Output row i depends on exactly the keys the mask allows it (dk, dv are zero elsewhere, nonzero inside)."""
   T = 45
@@ -332,7 +333,7 @@ def test_jit_vmap_and_dispatch():
 # ----------------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,is_causal", [("strided", True), ("global", False)])
+@pytest.mark.parametrize("name,is_causal", [("strided", True), pytest.param("global", False, marks=pytest.mark.slow)])
 def test_value_head_dim_differs(name, is_causal):
   q, k, v = _inputs(dict(B=2, T=29, S=37, N=4, K=2, H=16, Hv=24), jnp.float32, seed=6)
   check_against_reference(PATTERNS[name], q, k, v, is_causal=is_causal)

@@ -315,7 +315,7 @@ def _fwd_kernel(r: dict, o_ref, lse_ref, *, cfg: _Config):
       kv_seg = r["kv_seg"][pl.ds(k0, bk)] if cfg.has_seg else None
       s, vis = _masked_scores(cfg, s, q0, k0, q_len, kv_limit, q_seg, kv_seg, *_cols_tiles(cfg, r, k0, bk))
       v_ok = jnp.isfinite(v)
-      v_bad = jnp.max(jnp.where(v_ok, F32_0, F32_1), axis=1)                              # [bk]
+      v_bad = jnp.max(jnp.where(v_ok, F32_0, F32_1), axis=1)                          # [bk]
       bad = jnp.maximum(bad, jnp.max(jnp.where(vis & (v_bad[None, :] > 0.0), F32_1, F32_0), axis=1))
       v = jnp.where(v_ok, v, jnp.zeros_like(v))
     m_new = jnp.maximum(m, jnp.max(s, axis=1))

@@ -378,8 +378,8 @@ def _fwd_kernel(q_len_ref, kv_len_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config)
       # P @ V multiplies only finite values; rows that see a non-finite value are counted and become NaN.
       v_bad = jnp.logical_not(_finite(v))                                          # [bk, Hvp]
       v = jnp.where(v_bad, jnp.zeros_like(v), v)
-      bad_keys = jnp.max(jnp.where(v_bad, F32_1, F32_0), axis=1, keepdims=True)        # [bk, 1]
-      bad_ref[...] += _dot(jnp.where(vis, F32_1, F32_0).astype(jnp.bfloat16),          # exact 0/1 counts
+      bad_keys = jnp.max(jnp.where(v_bad, F32_1, F32_0), axis=1, keepdims=True)    # [bk, 1]
+      bad_ref[...] += _dot(jnp.where(vis, F32_1, F32_0).astype(jnp.bfloat16),      # exact 0/1 counts
                            jnp.broadcast_to(bad_keys, (bk, LANES)).astype(jnp.bfloat16))
     m_prev = m_ref[...]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))   # [bq, 128]
