@@ -438,6 +438,19 @@ def test_garbage_the_pattern_hides_never_leaks(name, T, S, is_causal):
     assert_close(out_nan[:, ~sees_j], out[:, ~sees_j], err_msg="rows that do not see the NaN")
 
 
+def test_nan_query_row_is_nan_on_every_call():
+  """One compiled executable, called repeatedly on the same input with a NaN in one query row: that row is NaN every
+  time. Without the barrier on the logits, XLA:CPU (jax 0.12) returned zeros or the clean row on some calls."""
+  r = np.random.default_rng(15)
+  q, k, v = randn(r, (2, 7, 4, 16)), randn(r, (2, 9, 2, 16)), randn(r, (2, 9, 2, 16))
+  q = q.at[0, 3, 1, 5].set(jnp.nan)
+  for _ in range(6):
+    out = np.array(sparse.sparse_attention(q, k, v, sparse.LocalPattern(64), block_size=8))
+    assert np.isnan(out[0, 3, 1]).all()
+    out[0, 3, 1] = 0.0
+    assert np.isfinite(out).all()
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Forward mode, second order, jax.debug_infs / debug_nans
 # ----------------------------------------------------------------------------------------------------------
