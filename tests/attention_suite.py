@@ -17,7 +17,7 @@ import pytest
 from absl.testing import parameterized
 
 import attention_jax as aj
-from tests.helpers import assert_close, np_mask, randn
+from tests.helpers import assert_close, enable_x64, np_mask, randn
 
 
 def make_inputs(case: dict, dtype, seed: int = 0):
@@ -134,6 +134,41 @@ def bias_inputs(case: dict, dtype, seed: int = 0):
   if "neg_inf" in case:
     bias[case["neg_inf"]] = -np.inf
   return q, k, v, opts, jnp.asarray(bias)
+
+
+def check_float32_under_x64(fn):
+  """``fn(q, k, v, **options)`` (a kernel) with float32 inputs under ``jax_enable_x64``, common in scientific code:
+  float32 out, and the reference's values and gradients. A Python float or int in an in-kernel select or index
+  map turns float64 / int64 under x64 and breaks the kernel."""
+  with enable_x64():
+    r = np.random.default_rng(6)
+    q = randn(r, (2, 40, 4, 16))
+    k, v = randn(r, (2, 40, 2, 16)), randn(r, (2, 40, 2, 16))
+    mask = jnp.asarray(r.random((2, 1, 40, 40)) > 0.2)
+    opts = dict(mask=mask, is_causal=True, key_value_seq_lengths=jnp.asarray([40, 23]))
+    f = lambda q, k, v: fn(q, k, v, **opts)
+    ref = lambda q, k, v: aj.reference_attention(q, k, v, **opts)
+    assert f(q, k, v).dtype == jnp.float32
+    assert_close(f(q, k, v), ref(q, k, v))
+    loss = lambda fn: lambda *a: (fn(*a) ** 2).sum()
+    for g, w in zip(jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
+      assert_close(g, w, kind="grad")
+
+
+def check_float64_refused(fn, implementation: str):
+  """A float32 kernel ``fn`` refuses float64 with an UnsupportedError naming the alternatives; a sequence of
+  implementations (as "auto" is) moves on to blockwise and stays in float64."""
+  with enable_x64():
+    r = np.random.default_rng(5)
+    q, k, v = (randn(r, (1, 12, 2, 8), jnp.float64) for _ in range(3))
+    mask = jnp.asarray(r.random((1, 1, 12, 12)) > 0.3)
+    with pytest.raises(aj.core.UnsupportedError, match="'blockwise' or 'reference'"):
+      fn(q, k, v, mask=mask)
+    with pytest.raises(NotImplementedError):
+      aj.dot_product_attention(q, k, v, mask=mask, implementation=implementation)
+    got = aj.dot_product_attention(q, k, v, mask=mask, implementation=(implementation, "blockwise"))
+    assert got.dtype == jnp.float64
+    assert_close(got, aj.reference_attention(q, k, v, mask=mask), jnp.float64)
 
 
 def _visible(case: dict, opts: dict) -> np.ndarray:

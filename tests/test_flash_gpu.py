@@ -23,9 +23,9 @@ import attention_jax as aj
 from attention_jax import core
 from attention_jax.kernels import flash_gpu
 from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION,
-                                   LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES, AttentionSuite, bias_inputs, ci_and_slow,
-                                   make_inputs)
-from tests.helpers import assert_close, enable_x64, randn
+                                   LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES, AttentionSuite, bias_inputs,
+                                   check_float32_under_x64, check_float64_refused, ci_and_slow, make_inputs)
+from tests.helpers import assert_close, randn
 
 # Small tiles so that the short CI sequences still span many blocks, ragged last blocks, the causal diagonal and
 # the band edges (masked and unmasked block loops), with different tiles in the three kernels.
@@ -251,36 +251,10 @@ class FlashApiTest(parameterized.TestCase):
     jax.tree.map(lambda a, b: assert_close(a, b, kind="grad"), nnx.state(g), nnx.state(w))
 
   def test_float32_under_x64(self):
-    """jax_enable_x64 with float32 inputs (common in scientific code): the kernel's constants stay float32 (a
-    Python float or int in a select or an index map would turn float64 / int64 and break the kernel)."""
-    with enable_x64():
-      r = np.random.default_rng(6)
-      q = randn(r, (2, 40, 4, 16))
-      k, v = randn(r, (2, 40, 2, 16)), randn(r, (2, 40, 2, 16))
-      mask = jnp.asarray(r.random((2, 1, 40, 40)) > 0.2)
-      opts = dict(mask=mask, is_causal=True, key_value_seq_lengths=jnp.asarray([40, 23]))
-      f = lambda q, k, v: flash_gpu.flash_attention(q, k, v, block_sizes=16, **opts)
-      ref = lambda q, k, v: aj.reference_attention(q, k, v, **opts)
-      self.assertEqual(f(q, k, v).dtype, jnp.float32)
-      assert_close(f(q, k, v), ref(q, k, v))
-      loss = lambda fn: lambda *a: (fn(*a) ** 2).sum()
-      for g, w in zip(jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
-        assert_close(g, w, kind="grad")
+    check_float32_under_x64(lambda q, k, v, **o: flash_gpu.flash_attention(q, k, v, block_sizes=16, **o))
 
   def test_float64_is_refused_and_dispatch_falls_through(self):
-    """float64 cannot run in the kernel (it computes in float32): UnsupportedError naming the alternatives; a
-    sequence of implementations (as "auto" is on GPU) moves on to blockwise and stays in float64."""
-    with enable_x64():
-      r = np.random.default_rng(5)
-      q, k, v = (randn(r, (1, 12, 2, 8), jnp.float64) for _ in range(3))
-      mask = jnp.asarray(r.random((1, 1, 12, 12)) > 0.3)
-      with self.assertRaisesRegex(core.UnsupportedError, "'blockwise' or 'reference'"):
-        flash_gpu.flash_attention(q, k, v, mask=mask)
-      with self.assertRaises(NotImplementedError):
-        aj.dot_product_attention(q, k, v, mask=mask, implementation="pallas")
-      got = aj.dot_product_attention(q, k, v, mask=mask, implementation=("pallas", "blockwise"))
-      self.assertEqual(got.dtype, jnp.float64)
-      assert_close(got, aj.reference_attention(q, k, v, mask=mask), jnp.float64)
+    check_float64_refused(flash_gpu.flash_attention, "pallas")
 
   def test_differentiating_a_jitted_gradient_raises_clearly(self):
     """Second-order autodiff the call cannot see (the first derivative taken inside a separately jitted function)

@@ -27,8 +27,9 @@ import attention_jax as aj
 from attention_jax import core
 from attention_jax.kernels import flash_tpu
 from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
-                                   AttentionSuite, ci_and_slow, make_inputs, named)
-from tests.helpers import assert_close, enable_x64, np_mask, np_softmax_attention, randn
+                                   AttentionSuite, check_float32_under_x64, check_float64_refused, ci_and_slow,
+                                   make_inputs, named)
+from tests.helpers import assert_close, np_mask, np_softmax_attention, randn
 
 # The smallest TPU tiles (128), with 256 in two backward tiles: the CI sequences still span several blocks, ragged
 # last blocks, the causal diagonal, band edges and query blocks made only of padding, tiled differently in the
@@ -324,36 +325,10 @@ class FlashTpuApiTest(parameterized.TestCase):
         flash_tpu.flash_attention_tpu(q, k, v)
 
   def test_float32_under_x64(self):
-    """jax_enable_x64 with float32 inputs (common in scientific code): the kernel's constants stay float32 (a
-    Python float or int in a select or an index map would turn float64 / int64 and break the kernel)."""
-    with enable_x64():
-      r = np.random.default_rng(6)
-      q = randn(r, (2, 40, 4, 16))
-      k, v = randn(r, (2, 40, 2, 16)), randn(r, (2, 40, 2, 16))
-      mask = jnp.asarray(r.random((2, 1, 40, 40)) > 0.2)
-      opts = dict(mask=mask, is_causal=True, key_value_seq_lengths=jnp.asarray([40, 23]))
-      f = lambda q, k, v: flash_tpu.flash_attention_tpu(q, k, v, **opts)
-      ref = lambda q, k, v: aj.reference_attention(q, k, v, **opts)
-      self.assertEqual(f(q, k, v).dtype, jnp.float32)
-      assert_close(f(q, k, v), ref(q, k, v))
-      loss = lambda fn: lambda *a: (fn(*a) ** 2).sum()
-      for g, w in zip(jax.grad(loss(f), argnums=(0, 1, 2))(q, k, v), jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)):
-        assert_close(g, w, kind="grad")
+    check_float32_under_x64(flash_tpu.flash_attention_tpu)
 
   def test_float64_is_refused_and_dispatch_falls_through(self):
-    """float64 cannot run in the kernel (it computes in float32): UnsupportedError naming the alternatives; a
-    sequence of implementations (as "auto" is on TPU) moves on to blockwise and stays in float64."""
-    with enable_x64():
-      r = np.random.default_rng(5)
-      q, k, v = (randn(r, (1, 12, 2, 8), jnp.float64) for _ in range(3))
-      mask = jnp.asarray(r.random((1, 1, 12, 12)) > 0.3)
-      with self.assertRaisesRegex(core.UnsupportedError, "'blockwise' or 'reference'"):
-        flash_tpu.flash_attention_tpu(q, k, v, mask=mask)
-      with self.assertRaises(NotImplementedError):
-        aj.dot_product_attention(q, k, v, mask=mask, implementation="pallas_tpu")
-      got = aj.dot_product_attention(q, k, v, mask=mask, implementation=("pallas_tpu", "blockwise"))
-      self.assertEqual(got.dtype, jnp.float64)
-      assert_close(got, aj.reference_attention(q, k, v, mask=mask), jnp.float64)
+    check_float64_refused(flash_tpu.flash_attention_tpu, "pallas_tpu")
 
   def test_checkpoint(self):
     """jax.grad through jax.checkpoint (interpreted: Pallas's interpreter has no side effects; compiled calls have
