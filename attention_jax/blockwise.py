@@ -111,10 +111,6 @@ def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
   return jnp.pad(x, pad, constant_values=value)
 
 
-def _bad_rows(x: jax.Array) -> jax.Array:
-  """``[..., D] -> [...]``: True where some element of the last axis is not finite."""
-  return ~jnp.all(jnp.isfinite(x), axis=-1)
-
 
 def _clean(x: jax.Array) -> jax.Array:
   """Non-finite entries replaced by 0 with a select (hidden garbage never meets a multiply)."""
@@ -247,7 +243,7 @@ def _forward(cfg: _Config, q, k, v, bias, aux: _Aux, out_dtype=None):
       if mask is not None:
         # p is exactly 0 at hidden pairs, but 0 * NaN is NaN: clean the values and flag the rows that do see a
         # non-finite one.
-        v_bad = _bad_rows(v_j)                                                   # [B, K, ck]
+        v_bad = ~core._finite_rows(v_j)                                               # [B, K, ck]
         bad = bad | jnp.any(mask & v_bad[:, :, None, None, :], axis=-1)
         v_j = _clean(v_j)
       pv = _mm(cfg, "bkms,bksh->bkmh", p.astype(v.dtype).reshape(B, K, G * cfg.cq, cfg.ck), v_j)

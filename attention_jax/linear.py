@@ -321,10 +321,6 @@ def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
   return jnp.pad(x, pad, constant_values=value)
 
 
-def _finite_rows(x: jax.Array) -> jax.Array:
-  return jnp.all(jnp.isfinite(x), axis=-1)
-
-
 def _initial_carry(*values: jax.Array):
   """A scan's initial state behind an optimization barrier. When a scan runs once, XLA inlines its body and the
   state becomes a constant; XLA:CPU's YNNPACK fusions (jax 0.11-0.12) have been seen to return garbage (NaN) for
@@ -362,7 +358,7 @@ def _chunked_causal_product(q, k, v, chunk: int, precision):
     q_c, k_c, v_c = xs
     s_XMN = jnp.einsum("xmf,xnf->xmn", q_c, k_c, precision=precision)
     s_XMN = jnp.where(causal_1MN, s_XMN, jnp.zeros_like(s_XMN))
-    finite_XN = _finite_rows(v_c)
+    finite_XN = core._finite_rows(v_c)
     v_clean = jnp.where(finite_XN[:, :, None], v_c, jnp.zeros_like(v_c))
     bad_XM = jnp.any(causal_1MN & ~finite_XN[:, None, :], axis=-1)
     y = (jnp.einsum("xmn,xne->xme", s_XMN, v_clean, precision=precision) +
@@ -749,13 +745,13 @@ def _linear_attention_reference(fmap: FeatureMap, query, key, value, kv_lengths,
     bad = jnp.zeros((B, T, K, G), bool)
   else:
     phi_q, phi_k = _elementwise_features(fmap, q_BTKGH, key)                       # [B,T,K,G,D], [B,S,K,D]
-    fin_q, fin_k = _finite_rows(phi_q), _finite_rows(phi_k)
+    fin_q, fin_k = core._finite_rows(phi_q), core._finite_rows(phi_k)
     phi_q = jnp.where(fin_q[..., None], phi_q, jnp.zeros_like(phi_q))
     phi_k = jnp.where(fin_k[..., None], phi_k, jnp.zeros_like(phi_k))
     w = jnp.einsum("btkgd,bskd->btkgs", phi_q, phi_k, precision=_precision(cd))
     w = jnp.where(vis, w, jnp.zeros_like(w))
     bad = ~fin_q | jnp.any(vis & ~jnp.transpose(fin_k, (0, 2, 1))[:, None, :, None, :], axis=-1)
-  fin_v = _finite_rows(value)                                                       # [B, S, K]
+  fin_v = core._finite_rows(value)                                                    # [B, S, K]
   v = jnp.where(fin_v[..., None], value, jnp.zeros_like(value)).astype(cd)
   bad = bad | jnp.any(vis & ~jnp.transpose(fin_v, (0, 2, 1))[:, None, :, None, :], axis=-1)
   # Normalise the weights before the value sum: then a row's NaN normaliser never meets its masked pairs' zero

@@ -438,10 +438,6 @@ def _mm(cfg: _Config, spec: str, a, b):
   return jnp.einsum(spec, a, b, preferred_element_type=cfg.compute_dtype, precision=cfg.mm_precision)
 
 
-def _bad_rows(x: jax.Array) -> jax.Array:
-  """``[..., D] -> [...]``: True where some element of the last axis is not finite."""
-  return ~jnp.all(jnp.isfinite(x), axis=-1)
-
 
 def _clean(x: jax.Array) -> jax.Array:
   """Non-finite entries replaced by 0 with a select (hidden garbage never meets a multiply)."""
@@ -462,7 +458,7 @@ def _step_logits(cfg: _Config, q_s, k_g, t: _Tables, G: int):
   B, K, P, M, _ = q_s.shape
   bq = M // G
   s = _mm(cfg, "bkpmh,bkpch->bkpmc", q_s, k_g) * cfg.scale
-  bad = _bad_rows(q_s)[..., None] | _bad_rows(k_g)[:, :, :, None, :]                # [B, K, P, M, C]
+  bad = ~core._finite_rows(q_s)[..., None] | ~core._finite_rows(k_g)[:, :, :, None, :]  # [B, K, P, M, C]
   s = jnp.where(bad, jnp.nan, s)
   cols = (t.idx[:, :, None] * cfg.bk + jnp.arange(cfg.bk, dtype=jnp.int32)[None, None, :]).reshape(P, 1, -1)
   ok = jnp.repeat(t.valid, cfg.bk, axis=1)[:, None, :]
@@ -490,7 +486,7 @@ def _forward(cfg: _Config, q_steps, k_tiles, v_tiles, tabs: _Tables):
     w, lse = core.masked_softmax(s)
     w = w.reshape(B, K, P, M, -1).astype(v_tiles.dtype)
     v_g = _gather_tiles(v_tiles, t.idx)                                           # [B, K, P, C, Hv]
-    v_bad = _bad_rows(v_g)                                                        # [B, K, P, C]
+    v_bad = ~core._finite_rows(v_g)                                                   # [B, K, P, C]
     sees_bad = jnp.any(mask[None, None, :, None] & v_bad[:, :, :, None, None, :], axis=-1)   # [B, K, P, G, bq]
     out = _mm(cfg, "bkpmc,bkpch->bkpmh", w, _clean(v_g))
     sees_bad = jnp.broadcast_to(sees_bad, (B, K, P, G, M // G)).reshape(B, K, P, M)

@@ -38,6 +38,20 @@ def randn(rng: np.random.Generator, shape, dtype=jnp.float32, scale: float = 1.0
   return jnp.asarray(rng.standard_normal(shape) * scale, dtype=dtype)
 
 
+def assert_derivatives_match(f, ref, q, k, v, *, jacfwd_argnum: int = 1) -> None:
+  """Forward mode and second order of ``f(q, k, v)`` equal those of ``ref`` (float64 inputs): jvp, jacfwd,
+  a Hessian-vector product and a gradient of a gradient."""
+  tangents = tuple(randn(np.random.default_rng(i), x.shape, jnp.float64) for i, x in enumerate((q, k, v)))
+  assert_close(jax.jvp(f, (q, k, v), tangents)[1], jax.jvp(ref, (q, k, v), tangents)[1], jnp.float64)
+  assert_close(jax.jacfwd(f, argnums=jacfwd_argnum)(q, k, v), jax.jacfwd(ref, argnums=jacfwd_argnum)(q, k, v),
+               jnp.float64)
+  loss = lambda fn: lambda q: (fn(q, k, v) ** 2).sum()
+  hvp = lambda fn: jax.jvp(jax.grad(loss(fn)), (q,), (tangents[0],))[1]
+  assert_close(hvp(f), hvp(ref), jnp.float64, kind="grad")
+  gg = lambda fn: jax.grad(lambda q: jnp.sin(jax.grad(loss(fn))(q)).sum())(q)
+  assert_close(gg(f), gg(ref), jnp.float64, kind="grad")
+
+
 def qkv(rng, B=2, T=7, S=9, N=4, K=2, H=16, dtype=jnp.float32, scale=1.0):
   return (randn(rng, (B, T, N, H), dtype, scale), randn(rng, (B, S, K, H), dtype, scale),
           randn(rng, (B, S, K, H), dtype, scale))

@@ -10,7 +10,7 @@ from jax.test_util import check_grads
 
 import attention_jax as aj
 from attention_jax import sparse
-from tests.helpers import assert_close, enable_x64, np_softmax_attention, randn
+from tests.helpers import assert_close, assert_derivatives_match, enable_x64, np_softmax_attention, randn
 
 
 
@@ -469,16 +469,10 @@ def test_forward_mode_and_second_order_match_the_reference(name):
     ref = lambda q, k, v: sparse.sparse_attention_reference(q, k, v, TINY_PATTERNS[name], **opts)
     # First order against finite differences; second order against the reference's own derivatives below.
     check_grads(f, (q, k, v), order=1, modes=("fwd", "rev"), atol=1e-6, rtol=1e-6)
-    tangents = tuple(randn(np.random.default_rng(i), x.shape, jnp.float64) for i, x in enumerate((q, k, v)))
-    assert_close(jax.jvp(f, (q, k, v), tangents)[1], jax.jvp(ref, (q, k, v), tangents)[1], jnp.float64)
-    assert_close(jax.jacfwd(f, argnums=1)(q, k, v), jax.jacfwd(ref, argnums=1)(q, k, v), jnp.float64)
-    loss = lambda fn: lambda q: (fn(q, k, v) ** 2).sum()
-    hvp = lambda fn: jax.jvp(jax.grad(loss(fn)), (q,), (tangents[0],))[1]
-    assert_close(hvp(f), hvp(ref), jnp.float64, kind="grad")
-    gg = lambda fn: jax.grad(lambda q: jnp.sin(jax.grad(loss(fn))(q)).sum())(q)
-    assert_close(gg(f), gg(ref), jnp.float64, kind="grad")
+    assert_derivatives_match(f, ref, q, k, v, jacfwd_argnum=1)
     # A gradient taken inside a separately jitted function, differentiated again from outside: the gather's
     # backward (a scan) is itself differentiable.
+    loss = lambda fn: lambda q: (fn(q, k, v) ** 2).sum()
     inner = lambda fn: jax.jit(jax.grad(loss(fn)))
     assert_close(jax.grad(lambda q: jnp.sin(inner(f)(q)).sum())(q),
                  jax.grad(lambda q: jnp.sin(inner(ref)(q)).sum())(q), jnp.float64, kind="grad")
