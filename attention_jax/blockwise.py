@@ -51,13 +51,13 @@ class ChunkSizes:
       object.__setattr__(self, name, positive_int(f"ChunkSizes.{name}", getattr(self, name)))
 
   @classmethod
-  def get_default(cls) -> "ChunkSizes":
+  def get_default(cls) -> ChunkSizes:
     # Measured on a 2-core CPU (experiments/scaling.py, docs/BENCHMARKS.md): 512 x 512 tiles are within a few
     # percent of the best of {256, 512, 1024}^2 for H = 64 and keep a tile at 1 MiB.
     return cls(512, 512)
 
   @classmethod
-  def resolve(cls, chunk_sizes: "ChunkSizes | int | None") -> "ChunkSizes":
+  def resolve(cls, chunk_sizes: ChunkSizes | int | None) -> ChunkSizes:
     """``None`` -> the default; a positive int ``c`` -> ``ChunkSizes(c, c)``; anything else -> ``ValueError``."""
     if chunk_sizes is None:
       return cls.get_default()

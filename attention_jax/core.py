@@ -30,7 +30,8 @@ from __future__ import annotations
 import functools
 import importlib
 import math
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp

@@ -72,7 +72,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, NamedTuple, Union
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -185,7 +186,7 @@ class FavorFeatureMap:
     return jnp.exp(self.exponents(x)) * (self.num_features() ** -0.5)
 
 
-FeatureMap = Union[ElementwiseFeatureMap, FavorFeatureMap]
+FeatureMap = ElementwiseFeatureMap | FavorFeatureMap
 
 
 def favor_feature_map(rng: jax.Array, head_dim: int, num_features: int = 256, orthogonal: bool = True

@@ -13,7 +13,8 @@ exact in float64). ``init_multi_head(..., dtype=jnp.float64)`` makes float64 par
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -18,7 +18,8 @@ Parameters are plain pytrees (dicts of arrays) made by :func:`init_general` / :f
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp

@@ -229,7 +229,7 @@ class FixedPattern(Pattern):
 
 
 @functools.lru_cache(maxsize=32)
-def _bigbird_blocks(pattern: "BigBirdPattern", T: int, S: int, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
+def _bigbird_blocks(pattern: BigBirdPattern, T: int, S: int, is_causal: bool) -> tuple[np.ndarray, np.ndarray]:
   """``(layout [nq, nk] bool, global_query_blocks [nq] bool)`` at the pattern's block granularity."""
   b = pattern.block
   nq, nk = _tiling.cdiv(T, b), _tiling.cdiv(S, b)

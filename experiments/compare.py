@@ -188,7 +188,8 @@ def markdown(results: dict) -> str:
             "train-step memory (MB) |", "|---|---:|---|---:|---:|---:|---|---:|---:|---:|"]
   for r in results["runs"]:
     mem = "–" if r.get("step_memory_mb") is None else f"{r['step_memory_mb']:.0f}"
-    lines.append(f"| {r['task']} | {r['seq_len']} | {r['spec']} | {r['seed']} | {r.get('accuracy', float('nan')):.3f} | "
+    acc = r.get('accuracy', float('nan'))
+    lines.append(f"| {r['task']} | {r['seq_len']} | {r['spec']} | {r['seed']} | {acc:.3f} | "
                  f"{r.get('loss', float('nan')):.3f} | {r['first_train_loss']:.3f} → {r['last_train_loss']:.3f} | "
                  f"{r['steps']} | {r['steps_per_sec']:.1f} | {mem} |")
   return "\n".join(lines) + "\n"

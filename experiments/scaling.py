@@ -20,7 +20,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags
 
@@ -168,7 +168,8 @@ def relative_table(results: list[dict], baseline: str | None = None) -> str:
         elif b is None or not b.get("compiled_memory_mb") or not r.get("compiled_memory_mb"):
           cells.append(f"{r['time_s']:.3g} s / {r.get('compiled_memory_mb') or float('nan'):.0f} MB")
         else:
-          cells.append(f"{_ratio(b['time_s'] / r['time_s'])} / {_ratio(r['compiled_memory_mb'] / b['compiled_memory_mb'])}")
+          mem_ratio = r['compiled_memory_mb'] / b['compiled_memory_mb']
+          cells.append(f"{_ratio(b['time_s'] / r['time_s'])} / {_ratio(mem_ratio)}")
       name = variant if dev == 1 else f"{variant} ({dev} devices)"
       rows.append(f"| {name} | " + " | ".join(cells) + " |")
     rows.append("")

@@ -24,7 +24,7 @@ import dataclasses
 import json
 import math
 import time
-from typing import Callable
+from collections.abc import Callable
 
 from absl import app, flags
 

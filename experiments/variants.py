@@ -21,7 +21,7 @@ scripts run whatever has landed.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from collections.abc import Callable
 
 import jax
 

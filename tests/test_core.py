@@ -1,6 +1,5 @@
 """dot_product_attention ("reference", "xla", "cudnn" dispatch): oracle, peer, property and error tests."""
 
-import contextlib
 
 import chex
 import jax

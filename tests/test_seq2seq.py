@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from experiments import seq2seq_alignment as s2s
 from tests.helpers import assert_close
@@ -42,8 +41,10 @@ def varied_batch(width=7, lengths=(7, 3, 5, 1)):
   return src, batch.tgt_in[:, :width]   # any decoder inputs will do
 
 
-@pytest.mark.parametrize("attention", [a if a in ("bahdanau", "luong_general") else pytest.param(a, marks=pytest.mark.slow)
-                                       for a in ATTENDING])
+_FAST = ("bahdanau", "luong_general")
+
+
+@pytest.mark.parametrize("attention", [a if a in _FAST else pytest.param(a, marks=pytest.mark.slow) for a in ATTENDING])
 def test_weights_sum_to_one_over_valid_source_and_zero_on_padding(attention):
   src, tgt_in = varied_batch()
   model = tiny_model(attention)

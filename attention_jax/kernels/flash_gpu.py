@@ -29,7 +29,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -79,7 +80,7 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{f}={n!r} must be a positive int")
 
   @classmethod
-  def get_default(cls, head_dim: int, dtype: Any = jnp.bfloat16) -> "BlockSizes":
+  def get_default(cls, head_dim: int, dtype: Any = jnp.bfloat16) -> BlockSizes:
     """Defaults from the table below, keyed by the padded head dim and the dtype's width.
 
     The bf16, H = 128 row (forward 128 x 64, 4 warps, 2 stages; backward 64 x 64, 4 warps) was the best of six

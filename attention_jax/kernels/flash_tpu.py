@@ -87,7 +87,7 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{f.name}={b!r} must be a power of two >= {LANES} (the TPU lane tiling)")
 
   @classmethod
-  def get_default(cls, head_dim: int, dtype: Any = jnp.bfloat16) -> "BlockSizes":
+  def get_default(cls, head_dim: int, dtype: Any = jnp.bfloat16) -> BlockSizes:
     """512-long tiles for 2-byte inputs with ``H <= 128``, 256 otherwise (VMEM grows with H and the dtype).
 
     Provisional and unmeasured (no TPU was available): 512 follows MaxText's splash-attention defaults; on TPU,
@@ -98,7 +98,7 @@ class BlockSizes:
     return cls(*(256,) * 6)
 
 
-def check_block_sizes(block_sizes: "BlockSizes | int | None") -> "BlockSizes | None":
+def check_block_sizes(block_sizes: BlockSizes | int | None) -> BlockSizes | None:
   """``None`` (per-call default), a ``BlockSizes``, or a plain int meaning that tile length everywhere."""
   if block_sizes is None or isinstance(block_sizes, BlockSizes):
     return block_sizes
@@ -125,7 +125,7 @@ class _Dense(NamedTuple):
   dtype: str
 
   @classmethod
-  def of(cls, x: jax.Array | None, dtype) -> "_Dense | None":
+  def of(cls, x: jax.Array | None, dtype) -> _Dense | None:
     return None if x is None else cls(*(d != 1 for d in x.shape), jnp.dtype(dtype).name)
 
   @property
