@@ -2,6 +2,8 @@
 
 Importing the package loads only the pure-function core; ``nn`` (Flax), ``viz`` (matplotlib), ``kernels``
 (Pallas) and the efficient variants load on first attribute access.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 import importlib as _importlib

@@ -11,6 +11,8 @@ Only differentiation that is visible at the call is detected: when a ``jax.jit``
 call is differentiated from outside, the arrays seen here are ordinary jit tracers, and JAX's own error (for
 example "can't apply forward-mode autodiff (jvp) to a custom_vjp function") is what the user sees. The reference
 implementations (``implementation="reference"`` or ``"xla"``) support every transformation in every case.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations

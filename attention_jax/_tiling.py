@@ -2,7 +2,7 @@
 
 Everything here is plain ``jnp`` on integers so it runs inside Pallas kernels (Triton / Mosaic lowering,
 ``program_id`` indices) as well as in ordinary traced JAX. Positions are absolute: row ``i`` is query ``i``,
-column ``j`` is key ``j``; visibility follows DESIGN.md (causal ``j <= i``, window ``i-left <= j <= i+right``,
+column ``j`` is key ``j``; visibility follows docs/DESIGN.md (causal ``j <= i``, window ``i-left <= j <= i+right``,
 ``j < kv_length``, ``i < q_length``).
 """
 

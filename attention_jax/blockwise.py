@@ -23,6 +23,8 @@ visible non-finite ones, and the backward selects ``ds`` and multiplies by clean
 ``block_forward`` / ``block_backward`` expose one key block's partial result (output and logsumexp in the compute
 dtype, to be combined with other blocks' by the logsumexp rule) and that block's share of the gradients given the
 *global* logsumexp and ``delta``; ring attention (attention_jax/ring.py) composes them across devices.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_jax import _tiling, core
+from attention_jax import _numerics, _tiling, core
 from attention_jax._checks import positive_int
 
 
@@ -69,6 +71,9 @@ class ChunkSizes:
     raise ValueError(f"chunk_sizes must be a blockwise.ChunkSizes, a positive int or None; got {chunk_sizes!r}")
 
 
+_PATH = "the blockwise path"
+
+
 class _Config(NamedTuple):
   """Static (hashable) configuration of one call."""
   scale: float
@@ -93,30 +98,6 @@ class _Aux(NamedTuple):
   bias_visible: jax.Array | None = None   # bool, bias.shape: False where the bias is -inf (hides its key)
 
 
-def _static_float(name: str, x) -> float | None:
-  if x is None:
-    return None
-  try:
-    return float(x)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    raise core.UnsupportedError(f"{name} must be a Python/concrete number for the blockwise and Pallas paths; "
-                                f"got {x!r}") from None
-
-
-def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
-
-
-
-def _clean(x: jax.Array) -> jax.Array:
-  """Non-finite entries replaced by 0 with a select (hidden garbage never meets a multiply)."""
-  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
-
-
 def _tile(x: jax.Array, q0, cq: int, k0, ck: int) -> jax.Array:
   """Slice rows [q0, q0+cq) and cols [k0, k0+ck) of a [.., .., T|1, S|1] array (broadcast dims kept)."""
   if x.shape[2] != 1:
@@ -134,7 +115,7 @@ def _heads5(x: jax.Array, K: int, G: int) -> jax.Array:
 
 
 def _mm(cfg: _Config, spec: str, a, b):
-  return jnp.einsum(spec, a, b, preferred_element_type=cfg.compute_dtype, precision=cfg.mm_precision)
+  return _numerics.einsum(spec, a, b, dtype=cfg.compute_dtype, precision=cfg.mm_precision)
 
 
 def _has_mask(cfg: _Config, aux: _Aux) -> bool:
@@ -243,9 +224,9 @@ def _forward(cfg: _Config, q, k, v, bias, aux: _Aux, out_dtype=None):
       if mask is not None:
         # p is exactly 0 at hidden pairs, but 0 * NaN is NaN: clean the values and flag the rows that do see a
         # non-finite one.
-        v_bad = ~core._finite_rows(v_j)                                               # [B, K, ck]
+        v_bad = ~_numerics.finite_rows(v_j)                                               # [B, K, ck]
         bad = bad | jnp.any(mask & v_bad[:, :, None, None, :], axis=-1)
-        v_j = _clean(v_j)
+        v_j = _numerics.clean(v_j)
       pv = _mm(cfg, "bkms,bksh->bkmh", p.astype(v.dtype).reshape(B, K, G * cfg.cq, cfg.ck), v_j)
       return correction[..., None] * acc + pv.reshape(acc.shape), m_new, l, bad
 
@@ -295,10 +276,8 @@ _SECOND_ORDER_MESSAGE = (
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
 def _first_order_backward(cfg: _Config, q, k, v, bias, aux: _Aux, out, lse, d_out, d_lse):
-  cd = cfg.compute_dtype
-  # delta_i = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
-  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(cd), out.astype(cd))
-  return _backward(cfg, q, k, v, bias, aux, d_out, lse, delta - d_lse.astype(cd))
+  delta = _numerics.backward_delta(out, d_out, d_lse, cfg.compute_dtype)
+  return _backward(cfg, q, k, v, bias, aux, d_out, lse, delta)
 
 
 @_first_order_backward.defjvp
@@ -370,7 +349,7 @@ def _backward(cfg: _Config, q, k, v, bias, aux: _Aux, d_out, lse, delta, grad_dt
       q_m = q_i.reshape(B, K, M, H)
       k_m = k_j
       if mask is not None:                        # ds is 0 at hidden pairs, but 0 * NaN is NaN
-        q_m, k_m = _clean(q_m), _clean(k_m)
+        q_m, k_m = _numerics.clean(q_m), _numerics.clean(k_m)
       dk = dk + _mm(cfg, "bkms,bkmh->bksh", ds, q_m)
       dq_i = _mm(cfg, "bkms,bksh->bkmh", ds, k_m).reshape(B, K, G, cfg.cq, H)
       dq = lax.dynamic_update_slice_in_dim(dq, lax.dynamic_slice_in_dim(dq, q0, cfg.cq, axis=3) + dq_i, q0, axis=3)
@@ -405,19 +384,18 @@ def _setup(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | None):
   cq, ck = min(chunk_sizes.query, T), min(chunk_sizes.key, S)
   Tp, Sp = _tiling.cdiv(T, cq) * cq, _tiling.cdiv(S, ck) * ck
   dtype = inp.query.dtype
-  cfg = _Config(scale=_static_float("scale", inp.scale),
-                soft_cap=_static_float("logits_soft_cap", inp.logits_soft_cap), is_causal=inp.is_causal,
-                window=inp.window, T=T, S=S, cq=cq, ck=ck,
-                mm_precision=lax.Precision.HIGHEST if dtype in (jnp.float32, jnp.float64) else None,
-                compute_dtype=np.dtype(core._compute_dtype(dtype)))
+  cfg = _Config(scale=_numerics.static_float("scale", inp.scale, path=_PATH),
+                soft_cap=_numerics.static_float("logits_soft_cap", inp.logits_soft_cap, path=_PATH),
+                is_causal=inp.is_causal, window=inp.window, T=T, S=S, cq=cq, ck=ck,
+                mm_precision=_numerics.matmul_precision(dtype), compute_dtype=_numerics.compute_dtype(dtype))
 
   def pad_rows_cols(x):
     if x is None:
       return None
     if x.shape[2] != 1:
-      x = _pad_axis(x, 2, Tp)
+      x = _numerics.pad_axis(x, 2, Tp)
     if x.shape[3] != 1:
-      x = _pad_axis(x, 3, Sp)
+      x = _numerics.pad_axis(x, 3, Sp)
     return x
 
   bias, bias_visible = inp.bias, None
@@ -426,12 +404,12 @@ def _setup(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | None):
     bias_visible = pad_rows_cols(~hidden)
     bias = pad_rows_cols(jnp.where(hidden, jnp.zeros_like(bias), bias))
   aux = _Aux(inp.q_lengths, inp.kv_lengths,
-             None if inp.q_segment_ids is None else _pad_axis(inp.q_segment_ids, 1, Tp, -1),
-             None if inp.kv_segment_ids is None else _pad_axis(inp.kv_segment_ids, 1, Sp, -2),
+             None if inp.q_segment_ids is None else _numerics.pad_axis(inp.q_segment_ids, 1, Tp, -1),
+             None if inp.kv_segment_ids is None else _numerics.pad_axis(inp.kv_segment_ids, 1, Sp, -2),
              pad_rows_cols(inp.mask), bias_visible)
   # A non-finite query or key row makes every logit it enters NaN (an Inf must not yield a -inf that hides a key).
-  q = _pad_axis(core.nan_rows(inp.query), 1, Tp)
-  k, v = _pad_axis(core.nan_rows(inp.key), 1, Sp), _pad_axis(inp.value, 1, Sp)
+  q = _numerics.pad_axis(_numerics.nan_rows(inp.query), 1, Tp)
+  k, v = _numerics.pad_axis(_numerics.nan_rows(inp.key), 1, Sp), _numerics.pad_axis(inp.value, 1, Sp)
   return cfg, q, k, v, bias, aux
 
 
@@ -443,7 +421,7 @@ def _is_empty(inp: core.AttentionInputs) -> bool:
 
 def _empty(inp: core.AttentionInputs, out_dtype) -> tuple[jax.Array, jax.Array]:
   B, T, N, _ = inp.query.shape
-  cd = core._compute_dtype(inp.query.dtype)
+  cd = _numerics.compute_dtype(inp.query.dtype)
   return (jnp.zeros((B, T, N, inp.value.shape[-1]), out_dtype or inp.query.dtype),
           jnp.full((B, N, T), -jnp.inf, cd))
 
@@ -479,7 +457,7 @@ def block_forward(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | Non
   stays in the compute dtype so that combining does not round. Plain forward, no custom gradient: pair it with
   :func:`block_backward`.
   """
-  cd = core._compute_dtype(inp.query.dtype)
+  cd = _numerics.compute_dtype(inp.query.dtype)
   if _is_empty(inp):
     return _empty(inp, cd)
   cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
@@ -500,14 +478,14 @@ def block_backward(inp: core.AttentionInputs, d_out: jax.Array, lse: jax.Array, 
   """
   if inp.bias is not None:
     raise ValueError(f"block_backward does not return a bias gradient; got bias.shape={inp.bias.shape}")
-  cd = core._compute_dtype(inp.query.dtype)
+  cd = _numerics.compute_dtype(inp.query.dtype)
   if _is_empty(inp):
     return (jnp.zeros(inp.query.shape, cd), jnp.zeros(inp.key.shape, cd), jnp.zeros(inp.value.shape, cd))
   cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
   Tp, T = q.shape[1], inp.query.shape[1]
-  d_out = _pad_axis(d_out, 1, Tp)
-  lse = _pad_axis(lse.astype(cd), 2, Tp, -jnp.inf)
-  delta = _pad_axis(delta.astype(cd), 2, Tp)
+  d_out = _numerics.pad_axis(d_out, 1, Tp)
+  lse = _numerics.pad_axis(lse.astype(cd), 2, Tp, -jnp.inf)
+  delta = _numerics.pad_axis(delta.astype(cd), 2, Tp)
   dq, dk, dv, _ = _backward(cfg, q, k, v, bias, aux, d_out, lse, delta, grad_dtype=cd)
   S = inp.key.shape[1]
   return dq[:, :T], dk[:, :S], dv[:, :S]
@@ -518,47 +496,19 @@ def block_backward(inp: core.AttentionInputs, d_out: jax.Array, lse: jax.Array, 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def blockwise_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                        query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                        q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                        chunk_sizes: ChunkSizes | int | None = None, return_residual: bool = False):
-  """Memory-efficient attention; arguments and semantics of :func:`attention_jax.dot_product_attention`.
+def _run(inp: core.AttentionInputs, *, return_residual: bool, chunk_sizes: ChunkSizes):
+  return core.run_custom(blockwise_core, inp, options=(("chunk_sizes", chunk_sizes),),
+                         return_residual=return_residual)
+
+
+blockwise_attention = core.attention_function(
+    _run, name="blockwise_attention", module=__name__,
+    options={"chunk_sizes": core.Option(None, ChunkSizes.resolve)},
+    doc="""Memory-efficient attention; arguments and semantics of :func:`attention_jax.dot_product_attention`.
 
   ``chunk_sizes`` sets the query / key tile lengths: a :class:`ChunkSizes`, a positive int (the same for both) or
   None (:meth:`ChunkSizes.get_default`). ``scale`` and ``logits_soft_cap`` must be concrete numbers.
   ``return_residual=True`` also returns the logsumexp as ``jax.nn`` does (``[*B, T, N]``, input dtype, no
   gradient). Forward-mode and second-order derivatives are computed through the reference formula.
-  """
-  chunk_sizes = ChunkSizes.resolve(chunk_sizes)
-  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  return core.run_custom(blockwise_core, inp, options=(("chunk_sizes", chunk_sizes),),
-                         return_residual=return_residual)
-
-
-def _reference_core(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
-  return core.attention_core(inp, "reference")
-
-
-def blockwise_attention_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                                  query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                                  q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                                  chunk_sizes: ChunkSizes | int | None = None, return_residual: bool = False):
-  """The plain O(T x S) algorithm with :func:`blockwise_attention`'s signature (``chunk_sizes`` is checked, then
-  ignored). Differentiable to any order."""
-  ChunkSizes.resolve(chunk_sizes)
-  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  return core.run_custom(_reference_core, inp, return_residual=return_residual, custom_vjp=False)
-
-
-def _dispatch(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
-  out, lse = blockwise_core(inp)
-  return out, lax.stop_gradient(lse)
-
-
-core.register_implementation("blockwise", _dispatch)
+  """)
+blockwise_attention_reference = core.reference_function(blockwise_attention, module=__name__)

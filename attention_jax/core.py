@@ -29,58 +29,40 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import math
-from typing import Any, NamedTuple
 from collections.abc import Callable, Sequence
+from typing import Any, Literal, NamedTuple, Protocol, overload
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike
 
 from attention_jax import _autodiff
 from attention_jax import masks as masks_lib
+from attention_jax._checks import UnsupportedError
+from attention_jax._numerics import HIGHEST as _HIGHEST
+from attention_jax._numerics import clean as _clean
+from attention_jax._numerics import compute_dtype as _compute_dtype
+from attention_jax._numerics import finite_rows as _finite_rows
+from attention_jax._numerics import nan_rows as nan_rows  # public: kernels apply it before their tiles
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
-IMPLEMENTATIONS = ("reference", "xla", "cudnn", "blockwise", "pallas", "pallas_tpu")
-# Implementations that live in their own module, imported on first use (keeps `import attention_jax` light).
-_LAZY_IMPLEMENTATIONS = {
-    "blockwise": "attention_jax.blockwise",
-    "pallas": "attention_jax.kernels.flash_gpu",
-    "pallas_tpu": "attention_jax.kernels.flash_tpu",
+# The one table of implementations: ``implementation=name`` runs ``module.function(inp: AttentionInputs) ->
+# (out [B, T, N, Hv], lse [B, N, T])``, the module imported on first use (``import attention_jax`` stays light).
+# A function raises ``UnsupportedError`` for calls it cannot take; docs/DESIGN.md says how to add one.
+_DISPATCH: dict[str, tuple[str, str]] = {
+    "reference": ("attention_jax.core", "reference_impl"),
+    "xla": ("attention_jax.core", "xla_impl"),
+    "cudnn": ("attention_jax.core", "cudnn_impl"),
+    "blockwise": ("attention_jax.blockwise", "blockwise_core"),
+    "pallas": ("attention_jax.kernels.flash_gpu", "flash_core"),
+    "pallas_tpu": ("attention_jax.kernels.flash_tpu", "flash_tpu_core"),
 }
+IMPLEMENTATIONS = tuple(_DISPATCH)
 # Implementations with a custom VJP: under forward-mode or second-order differentiation they step aside for the
 # reference formula (attention_jax/_autodiff.py).
 _CUSTOM_VJP = ("blockwise", "pallas", "pallas_tpu")
-
-
-class UnsupportedError(NotImplementedError, ValueError):
-  """An implementation cannot take this call (dtype, shape or option); dispatch moves on to the next candidate.
-
-  A ``ValueError`` for callers who asked for that implementation explicitly, and a ``NotImplementedError`` so that
-  a sequence of implementations falls through to the next one.
-  """
-
-
-def _compute_dtype(dtype: Any) -> Any:
-  return jnp.promote_types(dtype, jnp.float32)
-
-
-def _finite_rows(x: jax.Array) -> jax.Array:
-  """``[..., D] -> [...]``: True where every element of the last axis is finite."""
-  return jnp.all(jnp.isfinite(x), axis=-1)
-
-
-def nan_rows(x: jax.Array) -> jax.Array:
-  """Rows (last axis) holding a non-finite entry become all-NaN. Applied to queries and keys before a kernel, it
-  makes every logit such a row enters NaN, whatever the sign an Inf would give it: a query that sees a non-finite
-  query or key entry comes out NaN, as everywhere else in the library."""
-  return jnp.where(_finite_rows(x)[..., None], x, jnp.full_like(x, jnp.nan))
-
-
-def _clean(x: jax.Array) -> jax.Array:
-  """Non-finite entries replaced by 0 (a select: hidden garbage never meets a multiply)."""
-  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -247,9 +229,12 @@ def _align(name: str, x: jax.Array, batch: tuple[int, ...], N: int, T: int, S: i
   return jnp.broadcast_to(x, batch + tail).reshape((math.prod(batch),) + tail)
 
 
-def prepare_inputs(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                   query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                   q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None) -> AttentionInputs:
+def prepare_inputs(query: ArrayLike, key: ArrayLike, value: ArrayLike, bias: ArrayLike | None = None,
+                   mask: ArrayLike | None = None, *, scale: float | ArrayLike | None = None, is_causal: bool = False,
+                   query_seq_lengths: ArrayLike | None = None, key_value_seq_lengths: ArrayLike | None = None,
+                   local_window_size: int | tuple[int, int] | None = None, q_segment_ids: ArrayLike | None = None,
+                   kv_segment_ids: ArrayLike | None = None, logits_soft_cap: float | ArrayLike | None = None
+                   ) -> AttentionInputs:
   """Checks shapes, dtypes and values (``ValueError`` naming them) and normalises every argument.
 
   Rank-3 inputs and extra leading batch dims are flattened to one batch dim (``restore_batch`` undoes it).
@@ -453,9 +438,20 @@ def reference_core(inp: AttentionInputs, weights_fn: Callable[[jax.Array], jax.A
   return out_BTNH.astype(inp.query.dtype), jax.lax.stop_gradient(lse_BNT), weights_BNTS
 
 
-def _reference_impl(inp: AttentionInputs) -> tuple[jax.Array, jax.Array]:
+def reference_impl(inp: AttentionInputs) -> tuple[jax.Array, jax.Array]:
+  """``implementation="reference"``: :func:`reference_core` without the weights."""
   out, lse, _ = reference_core(inp)
   return out, lse
+
+
+def xla_impl(inp: AttentionInputs) -> tuple[jax.Array, jax.Array]:
+  """``implementation="xla"``: ``jax.nn.dot_product_attention(implementation="xla")`` within our contract."""
+  return _jax_nn_impl(inp, "xla")
+
+
+def cudnn_impl(inp: AttentionInputs) -> tuple[jax.Array, jax.Array]:
+  """``implementation="cudnn"``: ``jax.nn.dot_product_attention(implementation="cudnn")`` within our contract."""
+  return _jax_nn_impl(inp, "cudnn")
 
 
 def _jax_nn_impl(inp: AttentionInputs, implementation: str) -> tuple[jax.Array, jax.Array]:
@@ -476,10 +472,10 @@ def _jax_nn_impl(inp: AttentionInputs, implementation: str) -> tuple[jax.Array, 
     raise UnsupportedError(f"implementation='cudnn' needs a CUDA GPU; the default backend is "
                            f"{jax.default_backend()!r}")
   if inp.query.dtype == jnp.float64:
-    return _reference_impl(inp)
+    return reference_impl(inp)
   all_finite = jnp.all(jnp.isfinite(inp.query)) & jnp.all(jnp.isfinite(inp.key)) & jnp.all(jnp.isfinite(inp.value))
   # jax.nn lets a hidden NaN through 0 * NaN; inputs with a non-finite entry take the plain formula, which does not.
-  return jax.lax.cond(all_finite, lambda: _jax_nn_call(inp, implementation), lambda: _reference_impl(inp))
+  return jax.lax.cond(all_finite, lambda: _jax_nn_call(inp, implementation), lambda: reference_impl(inp))
 
 
 def _jax_nn_call(inp: AttentionInputs, implementation: str) -> tuple[jax.Array, jax.Array]:
@@ -504,28 +500,6 @@ def _jax_nn_call(inp: AttentionInputs, implementation: str) -> tuple[jax.Array, 
     out = jnp.where(jnp.transpose(visible, (0, 2, 1))[..., None], out, jnp.zeros_like(out))
     lse = jnp.where(visible, lse, -jnp.inf)
   return out, jax.lax.stop_gradient(lse)
-
-
-_IMPLS: dict[str, Callable[[AttentionInputs], tuple[jax.Array, jax.Array]]] = {
-    "reference": _reference_impl,
-    "xla": lambda inp: _jax_nn_impl(inp, "xla"),
-    "cudnn": lambda inp: _jax_nn_impl(inp, "cudnn"),
-}
-
-
-def register_implementation(name: str, fn: Callable[[AttentionInputs], tuple[jax.Array, jax.Array]]) -> None:
-  """Registers ``fn(AttentionInputs) -> (output, lse [B, N, T])`` under ``implementation=name``."""
-  _IMPLS[name] = fn
-
-
-def _is_concrete_number(x) -> bool:
-  if x is None or isinstance(x, (int, float)):
-    return True
-  try:
-    float(x)
-    return True
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    return False
 
 
 def _auto_implementations(inp: AttentionInputs | None) -> tuple[str, ...]:
@@ -559,26 +533,24 @@ def resolve_implementation(implementation: str | None, inp: AttentionInputs | No
 
 
 def _get_impl(name: str) -> Callable[[AttentionInputs], tuple[jax.Array, jax.Array]]:
-  if name not in _IMPLS and name in _LAZY_IMPLEMENTATIONS:
-    try:
-      importlib.import_module(_LAZY_IMPLEMENTATIONS[name])   # registers itself on import
-    except ModuleNotFoundError as e:
-      if e.name != _LAZY_IMPLEMENTATIONS[name]:
-        raise
-  if name not in _IMPLS:
-    raise UnsupportedError(f"implementation={name!r} is not available in this version of attention_jax")
-  return _IMPLS[name]
+  """The function behind ``implementation=name``, its module imported on first use."""
+  if name not in _DISPATCH:
+    raise ValueError(f"unknown implementation={name!r}; choose one of {('auto',) + IMPLEMENTATIONS}")
+  module, function = _DISPATCH[name]
+  return getattr(importlib.import_module(module), function)
 
 
 def attention_core(inp: AttentionInputs, implementations: str | Sequence[str] | None = None
                    ) -> tuple[jax.Array, jax.Array]:
   """``(output [B, T, N, Hv], lse [B, N, T] float32, -inf on rows with no key)`` from the first implementation that
-  takes the call. For library code (ring merges, split-K); users call :func:`dot_product_attention`."""
+  takes the call, its logsumexp without a gradient (the custom-VJP paths' own ``*_core`` functions differentiate
+  it). For library code (ring merges, split-K); users call :func:`dot_product_attention`."""
   names = resolve_implementations(implementations, inp)
   errors = []
   for name in names:
     try:
-      return _get_impl(name)(inp)
+      out, lse = _get_impl(name)(inp)
+      return out, jax.lax.stop_gradient(lse)
     except NotImplementedError as e:
       if len(names) == 1:
         raise
@@ -663,11 +635,101 @@ def run_custom(fn: Callable[..., tuple[jax.Array, jax.Array]], inp: AttentionInp
   return _run(names, options, static, return_residual, False, arrays)
 
 
-def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                          query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                          q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                          implementation: str | Sequence[str] | None = None, return_residual: bool = False):
-  """Scaled dot-product attention; a superset of ``jax.nn.dot_product_attention``.
+# ----------------------------------------------------------------------------------------------------------
+# Public entry points: prepare_inputs' signature, written once, plus each entry point's own keyword options
+# ----------------------------------------------------------------------------------------------------------
+
+
+class AttentionFunction(Protocol):
+  """The type of every dot-product attention entry point (:func:`dot_product_attention`, ``blockwise_attention``,
+  the Pallas kernels and their ``*_reference``): :func:`prepare_inputs`' arguments, the entry point's own
+  keyword options (``implementation``, ``chunk_sizes``, ``block_sizes``, ...) and ``return_residual``."""
+
+  @overload
+  def __call__(self, query: ArrayLike, key: ArrayLike, value: ArrayLike, bias: ArrayLike | None = None,
+               mask: ArrayLike | None = None, *, return_residual: Literal[False] = False,
+               **options: Any) -> jax.Array: ...
+
+  @overload
+  def __call__(self, query: ArrayLike, key: ArrayLike, value: ArrayLike, bias: ArrayLike | None = None,
+               mask: ArrayLike | None = None, *, return_residual: Literal[True],
+               **options: Any) -> tuple[jax.Array, jax.Array]: ...
+
+
+class Option(NamedTuple):
+  """An entry point's own keyword argument: its default and the check that validates and normalises it (to a
+  hashable value: options key the compilation cache)."""
+  default: Any = None
+  check: Callable[[Any], Any] = lambda x: x
+
+
+_INPUT_PARAMETERS = tuple(inspect.signature(prepare_inputs).parameters.values())
+# The keyword arguments every dot-product entry point takes (scale, is_causal, lengths, window, segments, soft-cap).
+ATTENTION_KEYWORDS = tuple(p.name for p in _INPUT_PARAMETERS if p.kind is inspect.Parameter.KEYWORD_ONLY)
+
+
+def attention_function(run_fn: Callable[..., Any], *, name: str, module: str, doc: str,
+                       options: dict[str, Option] | None = None) -> AttentionFunction:
+  """A public entry point: ``name(query, key, value, bias=None, mask=None, *, <prepare_inputs' keywords>,
+  <options>, return_residual=False)``.
+
+  It validates with :func:`prepare_inputs` and each option's check, then returns
+  ``run_fn(inp, return_residual=..., **checked_options)``. ``help()`` and ``inspect.signature`` show the whole
+  signature; unknown keywords raise ``TypeError`` as for any Python function.
+  """
+  options = dict(options or {})
+  kw = inspect.Parameter.KEYWORD_ONLY
+  signature = inspect.Signature(
+      [*_INPUT_PARAMETERS, *(inspect.Parameter(k, kw, default=o.default) for k, o in options.items()),
+       inspect.Parameter("return_residual", kw, default=False, annotation="bool")],
+      return_annotation="jax.Array | tuple[jax.Array, jax.Array]")
+  input_names = tuple(p.name for p in _INPUT_PARAMETERS)
+
+  def fn(*args, **kwargs):
+    try:
+      bound = signature.bind(*args, **kwargs)
+    except TypeError as e:
+      raise TypeError(f"{name}(): {e}") from None
+    bound.apply_defaults()
+    arguments = bound.arguments
+    checked = {k: o.check(arguments[k]) for k, o in options.items()}
+    inp = prepare_inputs(**{k: arguments[k] for k in input_names})
+    return run_fn(inp, return_residual=arguments["return_residual"], **checked)
+
+  fn.__name__ = fn.__qualname__ = name
+  fn.__module__ = module
+  fn.__doc__ = doc
+  fn.__signature__ = signature
+  fn.options = options
+  return fn
+
+
+def reference_function(fn: AttentionFunction, *, module: str) -> AttentionFunction:
+  """``fn``'s plain counterpart, ``<fn>_reference``: the same signature and checks, computed by the reference
+  formula (its own options, such as tile sizes, are validated and then ignored). Differentiable to any order."""
+  name = f"{fn.__name__}_reference"
+  doc = (f"The plain O(T x S) algorithm with :func:`{fn.__name__}`'s signature: the arguments are validated the same "
+         "way, tiling options are then ignored. Differentiable to any order.")
+
+  def run_reference(inp: AttentionInputs, *, return_residual: bool, **_):
+    return run_custom(reference_impl, inp, return_residual=return_residual, custom_vjp=False)
+
+  return attention_function(run_reference, name=name, module=module, doc=doc, options=fn.options)
+
+
+def _check_implementation(implementation):
+  resolve_implementations(implementation)   # ValueError for unknown names, before any work
+  return implementation if implementation is None or isinstance(implementation, str) else tuple(implementation)
+
+
+def _run_dispatch(inp: AttentionInputs, *, return_residual: bool, implementation):
+  return run(inp, implementation, return_residual=return_residual)
+
+
+dot_product_attention = attention_function(
+    _run_dispatch, name="dot_product_attention", module=__name__,
+    options={"implementation": Option(None, _check_implementation)},
+    doc="""Scaled dot-product attention; a superset of ``jax.nn.dot_product_attention``.
 
   Args:
     query: ``[*B, T, N, H]``; key: ``[*B, S, K, H]``; value: ``[*B, S, K, Hv]`` with ``N % K == 0`` (GQA/MQA).
@@ -687,25 +749,17 @@ def dot_product_attention(query, key, value, bias=None, mask=None, *, scale=None
 
   Returns:
     ``[*B, T, N, Hv]`` in the input dtype, or ``(output, logsumexp)``.
-  """
-  inp = prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-                       query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                       local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                       kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  return run(inp, implementation, return_residual=return_residual)
+  """)
 
 
-def reference_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                        query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                        q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                        return_residual: bool = False, return_weights: bool = False):
-  """The oracle: same arguments and semantics as :func:`dot_product_attention`, computed plainly in float32.
+def _run_reference(inp: AttentionInputs, *, return_residual: bool, return_weights: bool):
+  return run(inp, "reference", return_residual=return_residual, return_weights=return_weights)
+
+
+reference_attention = attention_function(
+    _run_reference, name="reference_attention", module=__name__, options={"return_weights": Option(False, bool)},
+    doc="""The oracle: same arguments and semantics as :func:`dot_product_attention`, computed plainly in float32.
 
   Returns the output, followed by the logsumexp ``[*B, T, N]`` if ``return_residual`` and the softmax weights
   ``[*B, N, T, S]`` (float32) if ``return_weights``.
-  """
-  inp = prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-                       query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                       local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                       kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  return run(inp, "reference", return_residual=return_residual, return_weights=return_weights)
+  """)

@@ -66,23 +66,24 @@ ratio's pair weights ``exp(e_m(q_i) + e_m(k_j))`` are only ever formed relative 
 
 Every shift is shared by everything one ratio sums, so it cancels exactly; its gradient is stopped, which is exact
 for the same reason. Only the float32 rounding of the exponents (about ``|e|·2^-24``) remains.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, NamedTuple
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_jax import _autodiff, _tiling, core
+from attention_jax import _autodiff, _numerics, _tiling, core
 
-_HIGHEST = lax.Precision.HIGHEST
 
 # Chunk length of the causal form, by measurement: causal fwd + bwd, float32, B = N = 1, H = 64, T = 16384, on the
 # shared 2-core CPU (min over 12 interleaved runs): elu (D = 64) C = 32 / 64 / 128 / 256 -> 200 / 182 / 192 / 269 ms.
@@ -145,7 +146,7 @@ class ElementwiseFeatureMap:
 
   def __call__(self, x: jax.typing.ArrayLike) -> jax.Array:
     x = jnp.asarray(x)
-    cd = core._compute_dtype(x.dtype)
+    cd = _numerics.compute_dtype(x.dtype)
     return self.fn(x.astype(cd)).astype(cd)
 
   def num_features(self, head_dim: int) -> int:
@@ -174,11 +175,11 @@ class FavorFeatureMap:
   def exponents(self, x: jax.typing.ArrayLike) -> jax.Array:
     """``W x̃ − ‖x̃‖²/2`` with ``x̃ = x / H^(1/4)``: ``[..., H] -> [..., M]``, the log of ``√M·φ(x)``."""
     x = jnp.asarray(x)
-    cd = core._compute_dtype(x.dtype)
+    cd = _numerics.compute_dtype(x.dtype)
     M, H = self.projection.shape
     x = x.astype(cd) * (H ** -0.25)
     # A 2-D matmul: XLA:CPU runs dots with many (even size-1) batch dims about 2x slower.
-    wx = jnp.matmul(x.reshape(-1, H), self.projection.astype(cd).T, precision=_precision(cd))
+    wx = jnp.matmul(x.reshape(-1, H), self.projection.astype(cd).T, precision=_numerics.matmul_precision(cd))
     return wx.reshape(x.shape[:-1] + (M,)) - 0.5 * jnp.sum(x * x, axis=-1, keepdims=True)
 
   def __call__(self, x: jax.typing.ArrayLike) -> jax.Array:
@@ -251,10 +252,6 @@ def _elementwise_features(fmap: ElementwiseFeatureMap, q, k):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _precision(dtype):
-  return _HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
-
-
 def _neg_inf_to_zero(x: jax.Array) -> jax.Array:
   """A shift that may be ``-inf`` (nothing to shift) -> 0, so ``x - shift`` stays ``-inf`` and never NaN."""
   return jnp.where(jnp.isneginf(x), jnp.zeros_like(x), x)
@@ -314,14 +311,6 @@ def _with_ones(v_XSE: jax.Array, dtype) -> jax.Array:
   return jnp.concatenate([v, jnp.ones(v.shape[:-1] + (1,), dtype)], axis=-1)
 
 
-def _pad_to(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  if x.shape[axis] == size:
-    return x
-  pad = [(0, 0)] * x.ndim
-  pad[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, pad, constant_values=value)
-
-
 def _initial_carry(*values: jax.Array):
   """A scan's initial state behind an optimization barrier. When a scan runs once, XLA inlines its body and the
   state becomes a constant; XLA:CPU's YNNPACK fusions (jax 0.11-0.12) have been seen to return garbage (NaN) for
@@ -359,7 +348,7 @@ def _chunked_causal_product(q, k, v, chunk: int, precision):
     q_c, k_c, v_c = xs
     s_XMN = jnp.einsum("xmf,xnf->xmn", q_c, k_c, precision=precision)
     s_XMN = jnp.where(causal_1MN, s_XMN, jnp.zeros_like(s_XMN))
-    finite_XN = core._finite_rows(v_c)
+    finite_XN = _numerics.finite_rows(v_c)
     v_clean = jnp.where(finite_XN[:, :, None], v_c, jnp.zeros_like(v_c))
     bad_XM = jnp.any(causal_1MN & ~finite_XN[:, None, :], axis=-1)
     y = (jnp.einsum("xmn,xne->xme", s_XMN, v_clean, precision=precision) +
@@ -399,8 +388,8 @@ def _elementwise_causal(phi_q_XTGF, phi_k_XSF, va_XSE, chunk: int, precision) ->
   length = max(T, S)          # positions past S are zero keys; rows past T are dropped
   chunk = min(chunk, length)
   L = _tiling.cdiv(length, chunk) * chunk
-  q = _pad_to(phi_q_XTGF, 1, L)
-  k, v = _pad_to(phi_k_XSF, 1, L)[:, :, None], _pad_to(va_XSE, 1, L)[:, :, None]
+  q = _numerics.pad_axis(phi_q_XTGF, 1, L)
+  k, v = _numerics.pad_axis(phi_k_XSF, 1, L)[:, :, None], _numerics.pad_axis(va_XSE, 1, L)[:, :, None]
   return _causal_product(chunk, precision, q, k, v)[:, :T]
 
 
@@ -613,9 +602,9 @@ def _favor_causal_padded(eq_XTGM, ek_XSM, va_XSE, chunk: int, precision) -> jax.
   length = max(T, S)
   chunk = 1 << (min(chunk, length) - 1).bit_length()
   L = _tiling.cdiv(length, chunk) * chunk
-  eq = _pad_to(eq_XTGM, 1, L)
-  ek = _pad_to(ek_XSM, 1, L, -jnp.inf)
-  va = _pad_to(va_XSE, 1, L)
+  eq = _numerics.pad_axis(eq_XTGM, 1, L)
+  ek = _numerics.pad_axis(ek_XSM, 1, L, -jnp.inf)
+  va = _numerics.pad_axis(va_XSE, 1, L)
   return _favor_causal(T, chunk, precision, eq, ek, va)[:, :T]
 
 
@@ -677,8 +666,8 @@ def linear_attention(query, key, value, *, feature_map: Any = "elu", is_causal: 
 @functools.partial(jax.jit, static_argnames=("is_causal", "chunk"))
 def _linear_attention(fmap: FeatureMap, query, key, value, kv_lengths, *, is_causal: bool, chunk: int):
   B, T = query.shape[:2]
-  cd = core._compute_dtype(query.dtype)
-  precision = _precision(cd)
+  cd = _numerics.compute_dtype(query.dtype)
+  precision = _numerics.matmul_precision(cd)
   seen = _seen_keys(B, key.shape[1], T, kv_lengths, is_causal)
   q, k, v, seen_XS = _kv_head_major(query, key, value, seen)
   va = _with_ones(v, cd)
@@ -727,7 +716,7 @@ def _linear_attention_reference(fmap: FeatureMap, query, key, value, kv_lengths,
   B, T, N, H = query.shape
   S, K, Hv = key.shape[1], key.shape[2], value.shape[3]
   G = N // K
-  cd = core._compute_dtype(query.dtype)
+  cd = _numerics.compute_dtype(query.dtype)
   seen_BS = _seen_keys(B, S, T, kv_lengths, is_causal)
   if seen_BS is not None:
     key = jnp.where(seen_BS[:, :, None, None], key, jnp.zeros_like(key))
@@ -746,19 +735,19 @@ def _linear_attention_reference(fmap: FeatureMap, query, key, value, kv_lengths,
     bad = jnp.zeros((B, T, K, G), bool)
   else:
     phi_q, phi_k = _elementwise_features(fmap, q_BTKGH, key)                       # [B,T,K,G,D], [B,S,K,D]
-    fin_q, fin_k = core._finite_rows(phi_q), core._finite_rows(phi_k)
+    fin_q, fin_k = _numerics.finite_rows(phi_q), _numerics.finite_rows(phi_k)
     phi_q = jnp.where(fin_q[..., None], phi_q, jnp.zeros_like(phi_q))
     phi_k = jnp.where(fin_k[..., None], phi_k, jnp.zeros_like(phi_k))
-    w = jnp.einsum("btkgd,bskd->btkgs", phi_q, phi_k, precision=_precision(cd))
+    w = jnp.einsum("btkgd,bskd->btkgs", phi_q, phi_k, precision=_numerics.matmul_precision(cd))
     w = jnp.where(vis, w, jnp.zeros_like(w))
     bad = ~fin_q | jnp.any(vis & ~jnp.transpose(fin_k, (0, 2, 1))[:, None, :, None, :], axis=-1)
-  fin_v = core._finite_rows(value)                                                    # [B, S, K]
+  fin_v = _numerics.finite_rows(value)                                                    # [B, S, K]
   v = jnp.where(fin_v[..., None], value, jnp.zeros_like(value)).astype(cd)
   bad = bad | jnp.any(vis & ~jnp.transpose(fin_v, (0, 2, 1))[:, None, :, None, :], axis=-1)
   # Normalise the weights before the value sum: then a row's NaN normaliser never meets its masked pairs' zero
   # weights in the backward (0 * NaN).
   p = jnp.where(vis, _ratio(w, jnp.sum(w, axis=-1)), jnp.zeros_like(w))
-  out = jnp.einsum("btkgs,bske->btkge", p, v, precision=_precision(cd))
+  out = jnp.einsum("btkgs,bske->btkge", p, v, precision=_numerics.matmul_precision(cd))
   out = jnp.where(bad[..., None], jnp.full_like(out, jnp.nan), out)
   has_key = jnp.any(visible_BTS, axis=2)[:, :, None, None, None]
   return jnp.where(has_key, out, jnp.zeros_like(out)).reshape(B, T, N, Hv).astype(query.dtype)
@@ -786,7 +775,7 @@ def init_state(batch_size: int, num_kv_heads: int, head_dim: int, feature_map: A
     floating = False
   if not floating:
     raise ValueError(f"init_state: dtype must be a floating-point dtype; got dtype={dtype!r}")
-  cd = core._compute_dtype(dtype)
+  cd = _numerics.compute_dtype(dtype)
   D = get_feature_map(feature_map, H).num_features(H)
   return LinearAttentionState(jnp.zeros((B, K, D, Hv), cd), jnp.zeros((B, K, D), cd),
                               jnp.full((B, K, D), -jnp.inf, cd))
@@ -831,7 +820,7 @@ def _step(fmap: FeatureMap, state: LinearAttentionState, q_t, k_t, v_t):
   K, Hv = k_t.shape[1], v_t.shape[2]
   D = state.kv.shape[2]
   G = N // K
-  cd = core._compute_dtype(jnp.promote_types(q_t.dtype, state.kv.dtype))
+  cd = _numerics.compute_dtype(jnp.promote_types(q_t.dtype, state.kv.dtype))
   kv, z, s_old = (x.astype(cd) for x in state)
   v = v_t.astype(cd)
   if isinstance(fmap, FavorFeatureMap):
@@ -847,7 +836,7 @@ def _step(fmap: FeatureMap, state: LinearAttentionState, q_t, k_t, v_t):
     qf, s_new, rescale = phi_q.reshape(B, K, G, D), s_old, jnp.ones_like(s_old)
   kv = kv * rescale[..., None] + kf[..., None] * v[:, :, None, :]
   z = z * rescale + kf
-  precision = _precision(cd)
+  precision = _numerics.matmul_precision(cd)
   num = jnp.einsum("bkgd,bkde->bkge", qf, kv, precision=precision)
   den = jnp.einsum("bkgd,bkd->bkg", qf, z, precision=precision)
   return LinearAttentionState(kv, z, s_new), _ratio(num, den).reshape(B, N, Hv).astype(q_t.dtype)

@@ -5,6 +5,8 @@ j <= i, also when T != S) and a local window ``(left, right)`` lets query i see 
 
 Sequence lengths (``q_len``, ``kv_len``) are static: non-negative Python or NumPy integers (not bool), below
 ``2**31``. Zero lengths give empty masks of the right shape.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations

@@ -9,18 +9,20 @@ Dtypes: :func:`multi_head_attention` computes in the promoted dtype of its input
 parameters with float64 inputs under ``jax_enable_x64`` compute, and return, float64; the float32 weights are
 exact in float64). ``init_multi_head(..., dtype=jnp.float64)`` makes float64 parameters. Projections use
 ``Precision.HIGHEST``, so float32 stays float32 on accelerators too.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
-from typing import Any
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
 from attention_jax import core
-from attention_jax._checks import positive_int
+from attention_jax._checks import float_array, positive_int
 
 Params = dict[str, dict[str, jax.Array]]
 
@@ -88,16 +90,6 @@ def _project_in(p: Mapping[str, jax.Array], x_BTD: jax.Array, dtype: Any) -> jax
   return y
 
 
-def _float_input(name: str, x: Any) -> jax.Array:
-  try:
-    x = jnp.asarray(x)
-  except TypeError:
-    raise TypeError(f"{name} must be a real floating-point array; got {type(x).__name__}") from None
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{name} must be a real floating-point array; got dtype={x.dtype} shape={x.shape}")
-  return x
-
-
 def _check_params(params: Any, x_q: jax.Array, x_kv: jax.Array, num_heads: int, num_kv_heads: int) -> Params:
   """Arrays of ``params`` after checking names, dtypes and shapes against the inputs and head counts."""
   context = f"{x_q.shape=} {x_kv.shape=} num_heads={num_heads} num_kv_heads={num_kv_heads}"
@@ -108,7 +100,7 @@ def _check_params(params: Any, x_q: jax.Array, x_kv: jax.Array, num_heads: int, 
         if isinstance(params, Mapping) else type(params).__name__
     raise ValueError(f"params must be {{'query'|'key'|'value'|'out': {{'kernel', optional 'bias'}}}} "
                      f"(see init_multi_head); got {got}")
-  arrays = {n: {leaf: _float_input(f"params[{n!r}][{leaf!r}]", a) for leaf, a in params[n].items()
+  arrays = {n: {leaf: float_array(f"params[{n!r}][{leaf!r}]", a) for leaf, a in params[n].items()
                 if leaf in ("kernel", "bias")} for n in names}
   wq = arrays["query"]["kernel"].shape
   if len(wq) != 3 or wq[:2] != (x_q.shape[-1], num_heads):
@@ -147,8 +139,8 @@ def multi_head_attention(params: Params, x_q: jax.typing.ArrayLike, x_kv: jax.ty
     ``(output [B, T, D], weights [B, N, T, S] or None)``; weights need the reference implementation
     (``implementation`` None, "auto" or "reference").
   """
-  x_q = _float_input("x_q", x_q)
-  x_kv = x_q if x_kv is None else _float_input("x_kv", x_kv)
+  x_q = float_array("x_q", x_q)
+  x_kv = x_q if x_kv is None else float_array("x_kv", x_kv)
   num_heads, num_kv_heads = _head_counts(num_heads, num_kv_heads)
   if x_q.ndim != 3 or x_kv.ndim != 3:
     raise ValueError(f"x_q must be [B, T, D] and x_kv [B, S, Dkv]; got {x_q.shape=} {x_kv.shape=}")

@@ -6,13 +6,15 @@
   (weights copy across) whose backend is chosen by ``implementation=``;
 * :class:`AdditiveAttention` (Bahdanau) and :class:`LuongAttention` (dot / general / concat) are the classic
   single-head attentions of RNN encoder-decoders, built on :mod:`attention_jax.scores`.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +26,7 @@ from attention_jax._checks import positive_int
 # Implementations that form the attention weights, so they can apply attention dropout and sow weights.
 _WEIGHT_IMPLEMENTATIONS = (None, "auto", "reference")
 # Options fixed by make_attention_fn(..., **options) or passed per call by a caller such as our MultiHeadAttention.
-_CALL_OPTIONS = ("scale", "query_seq_lengths", "key_value_seq_lengths", "local_window_size", "q_segment_ids",
-                 "kv_segment_ids", "logits_soft_cap")
+_CALL_OPTIONS = tuple(name for name in core.ATTENTION_KEYWORDS if name != "is_causal")
 # The scalar options among them, checked once by make_attention_fn.
 _SCALAR_OPTIONS = ("scale", "local_window_size", "logits_soft_cap")
 

@@ -33,14 +33,16 @@ steps every query block has met every key block, and no device ever holds more t
 
 ``ring_attention_reference`` has the same signature and computes the same function on gathered arrays.
 See docs/RING.md for multi-host use.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -49,7 +51,7 @@ from jax import lax
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from attention_jax import _autodiff, blockwise, core
+from attention_jax import _autodiff, _numerics, blockwise, core
 
 IMPLEMENTATIONS = ("blockwise", "pallas")
 SEQUENCE_ORDERS = ("natural", "zigzag")
@@ -119,15 +121,6 @@ def _block_backward(cfg: _Config, inp: core.AttentionInputs, d_out, lse, delta):
   d_o_i = (_rows(w) * d_out).astype(o_i.dtype)
   d_lse_i = w * (jnp.einsum("btnh,btnh->bnt", d_out, o_i.astype(jnp.float32)) - delta)
   return tuple(g.astype(jnp.float32) for g in pull_back((d_o_i, d_lse_i)))
-
-
-def _merge(o_a, lse_a, o_b, lse_b):
-  """Logsumexp rule for two partial results over disjoint keys (rows with no key stay 0 / -inf). A side with no
-  key for a row is dropped by a select, so whatever it holds there cannot reach the row."""
-  lse = jnp.logaddexp(lse_a, lse_b)
-  safe = jnp.where(jnp.isfinite(lse), lse, 0.0)
-  part = lambda o, l: jnp.where(_rows(l == -jnp.inf), 0.0, _rows(jnp.exp(l - safe)) * o)   # NaN stays
-  return part(o_a, lse_a) + part(o_b, lse_b), lse
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -242,7 +235,7 @@ def _ring_forward(cfg: _Config, q, k, v, lengths: dict):
   def attend(block, k_cur, v_cur, src, o, lse, counts):
     inputs = _block_inputs(cfg, block, q, k_cur, v_cur, lengths, me, src)
     lo, hi = block.q[0] * cfg.q_chunk, block.q[1] * cfg.q_chunk
-    o_b, lse_b = _merge(_take(o, lo, hi, 1), _take(lse, lo, hi, 2), *_block_forward(cfg, inputs))
+    o_b, lse_b = _numerics.merge_partials([(_take(o, lo, hi, 1), _take(lse, lo, hi, 2)), _block_forward(cfg, inputs)])
     return _put(o, o_b, lo, 1), _put(lse, lse_b, lo, 2), counts + _block_counts(block)
 
   def step(s, carry):
@@ -326,9 +319,7 @@ def _not_differentiable_jvp(primals, tangents):
 def _ring_bwd(cfg, res, cts):
   q, k, v, lengths, out, lse = res
   d_out, d_lse = cts
-  # delta = rowsum(dO * O); a cotangent on the logsumexp enters as -d_lse (d lse / d s = P).
-  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  delta = delta - d_lse.astype(jnp.float32)
+  delta = _numerics.backward_delta(out, d_out, d_lse, jnp.float32)
   dq, dk, dv = _not_differentiable(_ring_backward(cfg, q, k, v, lengths, d_out, lse, delta))
   return dq, dk, dv, jax.tree.map(lambda _: None, lengths)
 
@@ -533,8 +524,9 @@ def _prepare(query, key, value, mesh, axis_name, *, is_causal, scale, query_seq_
     raise ValueError(f"implementation must be None/'auto' or one of {IMPLEMENTATIONS}; got {implementation!r}")
   Tp, Sp = -(-T // per) * per, -(-S // per) * per
   cfg = _Config(axis_name=axis_name, num_shards=n_dev, zigzag=zigzag, is_causal=inp.is_causal,
-                q_chunk=Tp // per, kv_chunk=Sp // per, scale=blockwise._static_float("scale", inp.scale),
-                soft_cap=blockwise._static_float("logits_soft_cap", inp.logits_soft_cap),
+                q_chunk=Tp // per, kv_chunk=Sp // per,
+                scale=_numerics.static_float("scale", inp.scale, path="ring_attention"),
+                soft_cap=_numerics.static_float("logits_soft_cap", inp.logits_soft_cap, path="ring_attention"),
                 implementation=implementation, chunk_sizes=chunk_sizes, block_sizes=block_sizes,
                 reorder=zigzag and sequence_order == "natural")
   return inp, cfg

@@ -13,18 +13,20 @@ zero logits.
 * :func:`additive`    Bahdanau et al. 2015 / Luong "concat": ``vᵀ tanh(W q + U k)``
 
 Parameters are plain pytrees (dicts of arrays) made by :func:`init_general` / :func:`init_additive`.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from attention_jax._checks import positive_int
+from attention_jax._checks import float_array, positive_int
 
 Params = dict[str, jax.Array]
 
@@ -35,29 +37,18 @@ def _accum_dtype(*arrays: jax.Array) -> Any:
   return jnp.promote_types(jnp.result_type(*arrays), jnp.float32)
 
 
-def _float_array(fn: str, name: str, x: Any) -> jax.Array:
-  """``x`` as an array of a real floating dtype; anything else is a ``TypeError`` naming it."""
-  try:
-    x = jnp.asarray(x)
-  except TypeError:
-    raise TypeError(f"{fn}: {name} must be a real floating-point array; got {type(x).__name__}") from None
-  if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"{fn}: {name} must be a real floating-point array; got dtype={x.dtype} shape={x.shape}")
-  return x
-
-
 def _param(fn: str, params: Mapping[str, Any], name: str, ndim: int) -> jax.Array:
   if not isinstance(params, Mapping) or name not in params:
     got = sorted(params) if isinstance(params, Mapping) else type(params).__name__
     raise ValueError(f"{fn}: params must be a dict with {name!r}; got {got}")
-  p = _float_array(fn, name, params[name])
+  p = float_array(name, params[name], context=fn)
   if p.ndim != ndim:
     raise ValueError(f"{fn}: {name} must have rank {ndim}; got {name}.shape={p.shape}")
   return p
 
 
 def _check_qk(name: str, q: jax.Array, k: jax.Array, same_depth: bool) -> tuple[jax.Array, jax.Array]:
-  q, k = _float_array(name, "q", q), _float_array(name, "k", k)
+  q, k = float_array("q", q, context=name), float_array("k", k, context=name)
   if q.ndim < 2 or k.ndim < 2:
     raise ValueError(f"{name}: q and k need shape [..., T, D] and [..., S, D]; got {q.shape=} {k.shape=}")
   if same_depth and q.shape[-1] != k.shape[-1]:
@@ -136,7 +127,7 @@ def init_additive(rng: jax.Array, dq: int, dk: int, attn_dim: int, dtype: Any = 
 
 def project_keys(params: Params, k: jax.typing.ArrayLike) -> jax.Array:
   """``U k`` of :func:`additive`, which a decoder can compute once per source sequence: ``[..., S, A]``."""
-  k = _float_array("project_keys", "k", k)
+  k = float_array("k", k, context="project_keys")
   u_KA = _param("project_keys", params, "U", 2)
   if k.ndim < 2 or k.shape[-1] != u_KA.shape[0]:
     raise ValueError(f"project_keys: keys must be [..., S, Dk] with Dk = U.shape[0]; got {k.shape=} "
@@ -164,7 +155,7 @@ def additive(params: Params, q: jax.typing.ArrayLike, k: jax.typing.ArrayLike, *
   if projected_keys is None:
     uk = project_keys(params, k).astype(dtype)
   else:
-    uk = _float_array("additive", "projected_keys", projected_keys).astype(dtype)
+    uk = float_array("projected_keys", projected_keys, context="additive").astype(dtype)
     if uk.ndim < 2 or uk.shape[-1] != attn_dim or uk.shape[-2] != k.shape[-2]:
       raise ValueError(f"additive: projected_keys must be [..., S, A]; got projected_keys.shape={uk.shape} for "
                        f"{k.shape=}, A={attn_dim}")

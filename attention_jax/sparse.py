@@ -26,6 +26,8 @@ keeps only q, k, v, the output and the logsumexp, recomputes each step's probabi
 and scatter-adds dK/dV into the gathered key blocks. Hidden pairs are removed with selects (logits, ``ds``) and
 values / q / k enter the products cleaned, so a NaN or Inf at a position the pattern hides from a query never
 reaches it, forward or backward.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -39,10 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from attention_jax import _autodiff, _tiling, core
-from attention_jax.blockwise import _pad_axis, _static_float
+from attention_jax import _autodiff, _numerics, _tiling, core
 
-IMPLEMENTATIONS = ("gather", "dense")
+# "gather" visits only the pattern's non-empty tiles; "reference" is the dense masked formula (the oracle).
+IMPLEMENTATIONS = ("gather", "reference")
 # Elements (B * N * rows * gathered keys) of one scan step's logits: 256 KiB of float32.
 _STEP_ELEMENTS = 2**16
 
@@ -435,13 +437,7 @@ class _Config(NamedTuple):
 
 
 def _mm(cfg: _Config, spec: str, a, b):
-  return jnp.einsum(spec, a, b, preferred_element_type=cfg.compute_dtype, precision=cfg.mm_precision)
-
-
-
-def _clean(x: jax.Array) -> jax.Array:
-  """Non-finite entries replaced by 0 with a select (hidden garbage never meets a multiply)."""
-  return jnp.where(jnp.isfinite(x), x, jnp.zeros_like(x))
+  return _numerics.einsum(spec, a, b, dtype=cfg.compute_dtype, precision=cfg.mm_precision)
 
 
 def _gather_tiles(x_tiles, idx):
@@ -458,7 +454,7 @@ def _step_logits(cfg: _Config, q_s, k_g, t: _Tables, G: int):
   B, K, P, M, _ = q_s.shape
   bq = M // G
   s = _mm(cfg, "bkpmh,bkpch->bkpmc", q_s, k_g) * cfg.scale
-  bad = ~core._finite_rows(q_s)[..., None] | ~core._finite_rows(k_g)[:, :, :, None, :]  # [B, K, P, M, C]
+  bad = ~_numerics.finite_rows(q_s)[..., None] | ~_numerics.finite_rows(k_g)[:, :, :, None, :]  # [B, K, P, M, C]
   s = jnp.where(bad, jnp.nan, s)
   cols = (t.idx[:, :, None] * cfg.bk + jnp.arange(cfg.bk, dtype=jnp.int32)[None, None, :]).reshape(P, 1, -1)
   ok = jnp.repeat(t.valid, cfg.bk, axis=1)[:, None, :]
@@ -486,9 +482,9 @@ def _forward(cfg: _Config, q_steps, k_tiles, v_tiles, tabs: _Tables):
     w, lse = core.masked_softmax(s)
     w = w.reshape(B, K, P, M, -1).astype(v_tiles.dtype)
     v_g = _gather_tiles(v_tiles, t.idx)                                           # [B, K, P, C, Hv]
-    v_bad = ~core._finite_rows(v_g)                                                   # [B, K, P, C]
+    v_bad = ~_numerics.finite_rows(v_g)                                                   # [B, K, P, C]
     sees_bad = jnp.any(mask[None, None, :, None] & v_bad[:, :, :, None, None, :], axis=-1)   # [B, K, P, G, bq]
-    out = _mm(cfg, "bkpmc,bkpch->bkpmh", w, _clean(v_g))
+    out = _mm(cfg, "bkpmc,bkpch->bkpmh", w, _numerics.clean(v_g))
     sees_bad = jnp.broadcast_to(sees_bad, (B, K, P, G, M // G)).reshape(B, K, P, M)
     out = jnp.where(sees_bad[..., None], jnp.nan, out)
     return None, (out.astype(cfg.out_dtype), lse)
@@ -516,9 +512,8 @@ def _kernel_bwd(cfg, res, cts):
   G = M // tabs.lo.shape[2]
   dtype = q_steps.dtype
   cd = cfg.compute_dtype
-  # delta = rowsum(dO * O) - d_lse (d lse / d s = P).
-  delta = jnp.sum(d_out.astype(cd) * out.astype(cd), axis=-1).reshape(lse.shape)
-  delta = delta - d_lse.astype(cd)
+  rows = lambda x: x.reshape(lse.shape + x.shape[-1:])
+  delta = _numerics.backward_delta(rows(out), rows(d_out), d_lse, cd, spec="...h,...h->...")
   lse = jnp.where(jnp.isneginf(lse), jnp.inf, lse.astype(cd))
 
   def step(carry, xs):
@@ -535,8 +530,8 @@ def _kernel_bwd(cfg, res, cts):
     # only cleaned q / k.
     ds = jnp.where(mask[None, None, :, None], p * (dp - delta_s[..., None]), 0.0)
     ds = (ds * cfg.scale).reshape(B, K, P, M, -1).astype(dtype)
-    dq_s = _mm(cfg, "bkpmc,bkpch->bkpmh", ds, _clean(k_g))
-    dk_g = _mm(cfg, "bkpmc,bkpmh->bkpch", ds, _clean(q_s))
+    dq_s = _mm(cfg, "bkpmc,bkpch->bkpmh", ds, _numerics.clean(k_g))
+    dk_g = _mm(cfg, "bkpmc,bkpmh->bkpch", ds, _numerics.clean(q_s))
     flat = t.idx.reshape(-1)
     dk_acc = dk_acc.at[:, :, flat].add(dk_g.reshape(dk_acc.shape[:2] + (-1,) + dk_acc.shape[3:]))
     dv_acc = dv_acc.at[:, :, flat].add(dv_g.reshape(dv_acc.shape[:2] + (-1,) + dv_acc.shape[3:]))
@@ -562,16 +557,16 @@ def _run_plan(plan: _Plan, q, k, v, scale: float, out_dtype) -> tuple[jax.Array,
     k_pos = jnp.asarray(comp.k_pos, jnp.int32)
     k, v = jnp.take(k, k_pos, axis=1), jnp.take(v, k_pos, axis=1)
   Tp = steps * P * bq
-  q_steps = _pad_axis(q, 1, Tp).reshape(B, steps, P, bq, K, G, H)
+  q_steps = _numerics.pad_axis(q, 1, Tp).reshape(B, steps, P, bq, K, G, H)
   q_steps = jnp.transpose(q_steps, (1, 0, 4, 2, 5, 3, 6)).reshape(steps, B, K, P, G * bq, H)
 
   def key_tiles(x):
-    x = _pad_axis(x, 1, plan.num_k_tiles * bk).reshape(B, plan.num_k_tiles, bk, K, x.shape[-1])
+    x = _numerics.pad_axis(x, 1, plan.num_k_tiles * bk).reshape(B, plan.num_k_tiles, bk, K, x.shape[-1])
     return jnp.transpose(x, (0, 3, 1, 2, 4))
 
   cfg = _Config(scale=scale, bk=bk, has_exclusion=comp.ex_lo is not None,
-                mm_precision=lax.Precision.HIGHEST if q.dtype in (jnp.float32, jnp.float64) else None,
-                out_dtype=out_dtype, compute_dtype=np.dtype(core._compute_dtype(q.dtype)))
+                mm_precision=_numerics.matmul_precision(q.dtype), out_dtype=out_dtype,
+                compute_dtype=_numerics.compute_dtype(q.dtype))
   tabs = _Tables(*(jnp.asarray(x) for x in plan.tables))
   out, lse = _kernel(cfg, q_steps, key_tiles(k), key_tiles(v), tabs)
   out = jnp.transpose(out.reshape(steps, B, K, P, G, bq, Hv), (1, 0, 3, 5, 2, 4, 6)).reshape(B, Tp, N, Hv)
@@ -585,28 +580,6 @@ def _run_plan(plan: _Plan, q, k, v, scale: float, out_dtype) -> tuple[jax.Array,
   lse = jnp.concatenate([lse, jnp.full((B, N, 1), -jnp.inf, lse.dtype)], axis=2)
   inverse = jnp.asarray(inverse)
   return jnp.take(out, inverse, axis=1), jnp.take(lse, inverse, axis=2)
-
-
-def _merge(parts: list[tuple[jax.Array, jax.Array]]) -> tuple[jax.Array, jax.Array]:
-  """Softmax over disjoint key sets from per-part ``(out [B,T,N,Hv], lse [B,N,T])``; empty rows -> 0, -inf.
-
-  A part's NaN (or +inf) logsumexp means its output row is NaN already: it takes a finite stand-in weight, so the
-  row stays NaN while the merge's backward sends no NaN cotangent into the other parts (where it would reach the
-  keys that row cannot see); the merged logsumexp of such a row is NaN.
-  """
-  lses = jnp.stack([lse for _, lse in parts])                         # [C, B, N, T]
-  poisoned = jnp.isnan(lses) | jnp.isposinf(lses)
-  lses = jnp.where(poisoned, jnp.zeros_like(lses), lses)
-  m = lax.stop_gradient(jnp.max(lses, axis=0))
-  m = jnp.where(jnp.isfinite(m), m, jnp.zeros_like(m))
-  w = jnp.exp(lses - m[None])
-  denom = jnp.sum(w, axis=0)
-  has_key = denom > 0
-  safe = jnp.where(has_key, denom, jnp.ones_like(denom))
-  w_BTN = jnp.transpose(w / safe[None], (0, 1, 3, 2))                  # [C, B, T, N]
-  out = functools.reduce(jnp.add, (w_BTN[c][..., None] * o for c, (o, _) in enumerate(parts)))
-  lse = jnp.where(has_key, m + jnp.log(safe), -jnp.inf)
-  return out, jnp.where(jnp.any(poisoned, axis=0), jnp.nan, lse)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -638,14 +611,14 @@ def _sparse_core(inp: core.AttentionInputs, pattern: Pattern, block_size: int) -
   """Validated, non-empty inputs through the block gather: ``(out [B,T,N,Hv], lse [B,N,T], -inf: no key)``."""
   B, T, N, _ = inp.query.shape
   S, Hv = inp.value.shape[1], inp.value.shape[-1]
-  cd = core._compute_dtype(inp.query.dtype)
-  scale = _static_float("scale", inp.scale)
+  cd = _numerics.compute_dtype(inp.query.dtype)
+  scale = _numerics.static_float("scale", inp.scale, path="sparse_attention's gather path")
   plans = _plans(pattern, T, S, block_size, inp.is_causal, B * N)
   if not plans:
     return jnp.zeros((B, T, N, Hv), inp.query.dtype), jnp.full((B, N, T), -jnp.inf, cd)
   if len(plans) == 1:
     return _run_plan(plans[0], inp.query, inp.key, inp.value, scale, inp.query.dtype)
-  out, lse = _merge([_run_plan(p, inp.query, inp.key, inp.value, scale, cd) for p in plans])
+  out, lse = _numerics.merge_partials([_run_plan(p, inp.query, inp.key, inp.value, scale, cd) for p in plans])
   return out.astype(inp.query.dtype), lse
 
 
@@ -661,8 +634,8 @@ def sparse_attention(query, key, value, pattern: Pattern, *, is_causal: bool = F
     is_causal: also require ``j <= i``.
     block_size: query/key tile length, a positive int (BigBird uses its own ``block``). T and S need not be
       multiples of it.
-    implementation: None/"auto" or "gather" (block gather, O(non-empty tiles)); "dense" (the dense masked
-      reference, O(T x S)).
+    implementation: None/"auto" or "gather" (block gather, O(non-empty tiles)); "reference" (the dense masked
+      formula, O(T x S)).
     scale: logit scale, default ``1/sqrt(H)`` (a concrete number for "gather").
     return_residual: also return the logsumexp as ``jax.nn`` does: ``[*B, T, N]``, input dtype, no gradient;
       rows with no visible key report the dtype's most negative finite value.
@@ -674,7 +647,7 @@ def sparse_attention(query, key, value, pattern: Pattern, *, is_causal: bool = F
   """
   inp, implementation, block_size = _validate(query, key, value, pattern, block_size, implementation, is_causal,
                                               scale)
-  if implementation == "dense" or _autodiff.needs_plain_path(inp.query, inp.key, inp.value):
+  if implementation == "reference" or _autodiff.needs_plain_path(inp.query, inp.key, inp.value):
     # The dense formula: also what forward-mode / second-order differentiation needs (the gather's custom VJP
     # cannot be differentiated in forward mode).
     return sparse_attention_reference(query, key, value, pattern, is_causal=is_causal, block_size=block_size,

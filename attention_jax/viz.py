@@ -32,6 +32,8 @@ skipped). Positions are indices: query ``t`` and key ``s`` are the ``t``-th and 
   induction head;
 * :func:`attention_distance`    mean over rows of ``Σ_s w[t,s] |t - s|``, the expected distance in positions
   attended over; 0 for a diagonal head, 1 for a previous-token head.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations

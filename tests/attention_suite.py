@@ -171,6 +171,47 @@ def check_float64_refused(fn, implementation: str):
     assert_close(got, aj.reference_attention(q, k, v, mask=mask), jnp.float64)
 
 
+def check_debug_infs_and_nans(fn, *, jit: bool = False, neg_inf_bias: bool = False):
+  """Rows with no key are -inf internally; neither ``fn``'s outputs nor the residuals a (jitted) grad returns show
+  it under ``jax.debug_infs`` / ``jax.debug_nans``. ``neg_inf_bias``: a -inf bias entry (valid input) too."""
+  r = np.random.default_rng(6)
+  q, k, v = randn(r, (2, 9, 4, 8)), randn(r, (2, 11, 2, 8)), randn(r, (2, 11, 2, 6))
+  bias = jnp.asarray(r.standard_normal((1, 4, 9, 11)), jnp.float32)
+  opts = dict(is_causal=True, key_value_seq_lengths=jnp.array([0, 6]), query_seq_lengths=jnp.array([9, 4]),
+              mask=jnp.asarray(r.random((2, 1, 9, 11)) > 0.3),
+              bias=bias.at[..., 2].set(-jnp.inf) if neg_inf_bias else bias)
+  f = lambda q, k, v: fn(q, k, v, return_residual=True, **opts)
+  g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2))
+  if jit:
+    f, g = jax.jit(f), jax.jit(g)
+  with jax.debug_infs(True), jax.debug_nans(True):
+    results = (f(q, k, v), g(q, k, v))
+  chex.assert_tree_all_finite(results)
+  np.testing.assert_array_equal(results[0][0][0], 0.0)     # batch 0 has no keys
+
+
+def check_reference_signature(fn, reference, **tiling):
+  """``reference`` takes ``fn``'s arguments (tiling options included) and returns the same output and residual."""
+  q, k, v, opts = make_inputs(DENSE_CASES["bias_11TS_mask_B1T1"], jnp.float32)
+  a, ra = fn(q, k, v, return_residual=True, **tiling, **opts)
+  b, rb = reference(q, k, v, return_residual=True, **tiling, **opts)
+  assert_close(a, b)
+  assert_close(ra, rb)
+  assert (ra.shape, ra.dtype) == (rb.shape, rb.dtype)
+
+
+def check_entry_point_errors(fn):
+  """Shapes named in the message, a mask that does not broadcast, and a traced scale refused with
+  ``UnsupportedError`` (so that dispatch moves on to an implementation that takes it)."""
+  q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
+  with pytest.raises(ValueError, match=r"query.shape=\(1, 17, 2, 32\)"):
+    fn(q, k[:, :, :, :16], v)
+  with pytest.raises(ValueError, match="does not broadcast"):
+    fn(q, k, v, mask=jnp.ones((1, 1, 17, 5), bool))
+  with pytest.raises(aj.core.UnsupportedError, match="needs a concrete scale"):
+    jax.jit(lambda s: fn(q, k, v, scale=s))(0.5)
+
+
 def _visible(case: dict, opts: dict) -> np.ndarray:
   """[B, N, T, S] bool from first principles (tests/helpers.np_mask), for the options of a case."""
   B, T, S, N = case["B"], case["T"], case["S"], case["N"]

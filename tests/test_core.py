@@ -586,3 +586,48 @@ class ForwardModeTest(parameterized.TestCase):
       gg = jax.grad(lambda q: jax.grad(loss)(q).sum())(q)
       assert_close(gg, jax.grad(lambda q: jax.grad(lambda q: ref(q, k, v).sum() ** 2)(q).sum())(q), jnp.float64,
                    kind="grad")
+
+
+def test_dispatch_table_resolves_every_name_and_lists_the_choices():
+  """Each implementation name imports its module on first use and names a function of the inputs; an unknown name
+  is a ValueError listing the choices."""
+  import importlib
+  import inspect
+  for name, (module, function) in aj.core._DISPATCH.items():
+    fn = getattr(importlib.import_module(module), function)
+    assert list(inspect.signature(fn).parameters)[0] == "inp", name
+  assert aj.core.IMPLEMENTATIONS == tuple(aj.core._DISPATCH)
+  q = jnp.ones((1, 3, 2, 4))
+  with pytest.raises(ValueError, match=r"unknown implementation='flash'.*'blockwise'.*'pallas_tpu'"):
+    aj.dot_product_attention(q, q, q, implementation="flash")
+  with pytest.raises(ValueError, match=r"unknown implementation='flash'"):
+    aj.dot_product_attention(q, q, q, implementation=("blockwise", "flash"))
+
+
+def test_entry_points_share_one_signature():
+  """Every dot-product entry point has prepare_inputs' arguments, then its own options, then return_residual; its
+  *_reference has exactly its signature; an unknown keyword is a TypeError naming the function."""
+  import inspect
+
+  from attention_jax import blockwise
+  from attention_jax.kernels import flash_gpu, flash_tpu
+  base = list(inspect.signature(aj.core.prepare_inputs).parameters)
+  entries = {aj.dot_product_attention: ["implementation"], aj.reference_attention: ["return_weights"],
+             blockwise.blockwise_attention: ["chunk_sizes"],
+             flash_gpu.flash_attention: ["block_sizes", "interpret", "debug"],
+             flash_tpu.flash_attention_tpu: ["block_sizes", "interpret", "debug"]}
+  for fn, own in entries.items():
+    assert list(inspect.signature(fn).parameters) == base + own + ["return_residual"], fn.__name__
+    assert fn.__doc__ and fn.__module__.startswith("attention_jax")
+  for fn, ref in ((blockwise.blockwise_attention, blockwise.blockwise_attention_reference),
+                  (flash_gpu.flash_attention, flash_gpu.flash_attention_reference),
+                  (flash_tpu.flash_attention_tpu, flash_tpu.flash_attention_tpu_reference)):
+    assert inspect.signature(ref) == inspect.signature(fn)
+    assert ref.__name__ == fn.__name__ + "_reference"
+  q = jnp.ones((1, 3, 2, 4))
+  with pytest.raises(TypeError, match=r"blockwise_attention\(\).*chunk_size"):
+    blockwise.blockwise_attention(q, q, q, chunk_size=8)
+  with pytest.raises(TypeError, match=r"dot_product_attention\(\).*positional"):
+    aj.dot_product_attention(q, q, q, None, None, 0.5)
+  with pytest.raises(ValueError, match="chunk_sizes"):       # the reference checks the options it ignores
+    blockwise.blockwise_attention_reference(q, q, q, chunk_sizes=0)

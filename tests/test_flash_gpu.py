@@ -10,6 +10,7 @@ block-size arguments, batch dims and zero-size inputs.
 """
 
 import dataclasses
+import functools
 
 import chex
 import jax
@@ -24,13 +25,14 @@ from attention_jax import core
 from attention_jax.kernels import flash_gpu
 from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION,
                                    LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES, AttentionSuite, bias_inputs,
-                                   check_float32_under_x64, check_float64_refused, ci_and_slow, make_inputs)
+                                   check_debug_infs_and_nans, check_entry_point_errors, check_float32_under_x64,
+                                   check_float64_refused, check_reference_signature, ci_and_slow, make_inputs)
 from tests.helpers import assert_close, randn
 
 # Small tiles so that the short CI sequences still span many blocks, ragged last blocks, the causal diagonal and
 # the band edges (masked and unmasked block loops), with different tiles in the three kernels.
-SMALL_BLOCKS = flash_gpu.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_k_dkv=32, block_q_dq=32,
-                                    block_k_dq=16)
+SMALL_BLOCKS = flash_gpu.BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_kv_dkv=32, block_q_dq=32,
+                                    block_kv_dq=16)
 
 # Garbage isolation also through the soft-cap's tanh (its backward factor meets hidden logits).
 NAN_SOFT_CAP = dict(B=2, T=30, S=37, N=2, K=1, H=16, input_scale=2.0,
@@ -276,26 +278,11 @@ class FlashApiTest(parameterized.TestCase):
     assert_close(jax.jvp(f, (q,), (q,))[1], jax.jvp(ref, (q,), (q,))[1])
 
   def test_debug_infs_and_nans_stay_silent(self):
-    self.check_debug_infs_and_nans(jit=False)
+    check_debug_infs_and_nans(functools.partial(flash_gpu.flash_attention, block_sizes=16))
 
   @pytest.mark.slow
   def test_debug_infs_and_nans_stay_silent_jit(self):
-    self.check_debug_infs_and_nans(jit=True)
-
-  def check_debug_infs_and_nans(self, jit: bool):
-    """Rows with no key are -inf internally; neither outputs nor the residuals a jitted grad returns show it."""
-    r = np.random.default_rng(6)
-    q, k, v = randn(r, (2, 9, 4, 8)), randn(r, (2, 11, 2, 8)), randn(r, (2, 11, 2, 6))
-    opts = dict(is_causal=True, key_value_seq_lengths=jnp.array([0, 6]), query_seq_lengths=jnp.array([9, 4]),
-                mask=jnp.asarray(r.random((2, 1, 9, 11)) > 0.3), bias=randn(r, (1, 4, 9, 11)))
-    f = lambda q, k, v: flash_gpu.flash_attention(q, k, v, block_sizes=16, return_residual=True, **opts)
-    g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2))
-    if jit:
-      f, g = jax.jit(f), jax.jit(g)
-    with jax.debug_infs(True), jax.debug_nans(True):
-      results = (f(q, k, v), g(q, k, v))
-    chex.assert_tree_all_finite(results)
-    np.testing.assert_array_equal(results[0][0][0], 0.0)     # batch 0 has no keys
+    check_debug_infs_and_nans(functools.partial(flash_gpu.flash_attention, block_sizes=16), jit=True)
 
   def test_block_sizes_argument(self):
     q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
@@ -311,21 +298,11 @@ class FlashApiTest(parameterized.TestCase):
       flash_gpu.BlockSizes(block_k=32.0)
 
   def test_reference_has_the_same_signature(self):
-    q, k, v, opts = make_inputs(DENSE_CASES["bias_11TS_mask_B1T1"], jnp.float32)
-    a, ra = flash_gpu.flash_attention(q, k, v, block_sizes=16, return_residual=True, **opts)
-    b, rb = flash_gpu.flash_attention_reference(q, k, v, block_sizes=16, return_residual=True, **opts)
-    assert_close(a, b)
-    assert_close(ra, rb)
-    self.assertEqual((ra.shape, ra.dtype), (rb.shape, rb.dtype))
+    check_reference_signature(flash_gpu.flash_attention, flash_gpu.flash_attention_reference, block_sizes=16)
 
   def test_errors(self):
+    check_entry_point_errors(flash_gpu.flash_attention)
     q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
-    with self.assertRaisesRegex(ValueError, r"query.shape=\(1, 17, 2, 32\)"):
-      flash_gpu.flash_attention(q, k[:, :, :, :16], v)
-    with self.assertRaisesRegex(ValueError, "does not broadcast"):
-      flash_gpu.flash_attention(q, k, v, mask=jnp.ones((1, 1, 17, 5), bool))
-    with self.assertRaisesRegex(ValueError, "scale must be a Python/concrete number"):
-      jax.jit(lambda s: flash_gpu.flash_attention(q, k, v, scale=s))(0.5)
     # What the kernel cannot take is refused with UnsupportedError, so that dispatch moves on.
     wide = jnp.zeros((1, 4, 1, 300), jnp.float32)
     with self.assertRaisesRegex(core.UnsupportedError, "head dims up to 256"):

@@ -27,9 +27,10 @@ import attention_jax as aj
 from attention_jax import core
 from attention_jax.kernels import flash_tpu
 from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
-                                   AttentionSuite, check_float32_under_x64, check_float64_refused, ci_and_slow,
-                                   make_inputs, named)
-from tests.helpers import assert_close, np_mask, np_softmax_attention, randn
+                                   AttentionSuite, check_debug_infs_and_nans, check_entry_point_errors,
+                                   check_float32_under_x64, check_float64_refused, check_reference_signature,
+                                   ci_and_slow, make_inputs, named)
+from tests.helpers import assert_close, np_mask, np_softmax_attention
 
 # The smallest TPU tiles (128), with 256 in two backward tiles: the CI sequences still span several blocks, ragged
 # last blocks, the causal diagonal, band edges and query blocks made only of padding, tiled differently in the
@@ -358,19 +359,7 @@ class FlashTpuApiTest(parameterized.TestCase):
     assert_close(jax.jvp(f, (q,), (q,))[1], jax.jvp(ref, (q,), (q,))[1])
 
   def test_debug_infs_and_nans_stay_silent(self):
-    """Rows with no key are -inf internally; neither outputs nor the residuals a jitted grad returns show it (a
-    -inf bias entry is valid input)."""
-    r = np.random.default_rng(6)
-    q, k, v = randn(r, (2, 9, 4, 8)), randn(r, (2, 11, 2, 8)), randn(r, (2, 11, 2, 6))
-    opts = dict(is_causal=True, key_value_seq_lengths=jnp.array([0, 6]), query_seq_lengths=jnp.array([9, 4]),
-                mask=jnp.asarray(r.random((2, 1, 9, 11)) > 0.3),
-                bias=jnp.asarray(r.standard_normal((1, 4, 9, 11)), jnp.float32).at[..., 2].set(-jnp.inf))
-    f = lambda q, k, v: flash_tpu.flash_attention_tpu(q, k, v, return_residual=True, **opts)
-    g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2))
-    with jax.debug_infs(True), jax.debug_nans(True):
-      results = (f(q, k, v), g(q, k, v))
-    chex.assert_tree_all_finite(results)
-    np.testing.assert_array_equal(results[0][0][0], 0.0)     # batch 0 has no keys
+    check_debug_infs_and_nans(flash_tpu.flash_attention_tpu, neg_inf_bias=True)
 
   def test_block_sizes_argument(self):
     q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
@@ -385,21 +374,12 @@ class FlashTpuApiTest(parameterized.TestCase):
         flash_tpu.BlockSizes(block_k_dq=bad)
 
   def test_reference_has_the_same_signature(self):
-    q, k, v, opts = make_inputs(DENSE_CASES["bias_11TS_mask_B1T1"], jnp.float32)
-    a, ra = flash_tpu.flash_attention_tpu(q, k, v, block_sizes=128, return_residual=True, **opts)
-    b, rb = flash_tpu.flash_attention_tpu_reference(q, k, v, block_sizes=128, return_residual=True, **opts)
-    assert_close(a, b)
-    assert_close(ra, rb)
-    self.assertEqual((ra.shape, ra.dtype), (rb.shape, rb.dtype))
+    check_reference_signature(flash_tpu.flash_attention_tpu, flash_tpu.flash_attention_tpu_reference,
+                              block_sizes=128)
 
   def test_errors(self):
+    check_entry_point_errors(flash_tpu.flash_attention_tpu)
     q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
-    with self.assertRaisesRegex(ValueError, r"query.shape=\(1, 17, 2, 32\)"):
-      flash_tpu.flash_attention_tpu(q, k[:, :, :, :16], v)
-    with self.assertRaisesRegex(ValueError, "does not broadcast"):
-      flash_tpu.flash_attention_tpu(q, k, v, mask=jnp.ones((1, 1, 17, 5), bool))
-    with self.assertRaisesRegex(core.UnsupportedError, "concrete scale"):
-      jax.jit(lambda s: flash_tpu.flash_attention_tpu(q, k, v, scale=s))(0.5)
     with self.assertRaisesRegex(ValueError, "interpret"):
       flash_tpu.flash_attention_tpu(q, k, v, interpret="yes")
 

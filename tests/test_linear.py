@@ -404,7 +404,6 @@ def test_experiment_variants_run():
   from experiments import variants
   q, k, v, _ = make_inputs(dict(B=1, T=12, S=12, N=1, K=1, H=64))
   for spec in ("linear_elu@8", "favor:32"):
-    assert variants.is_available(spec)
     out = variants.make_attention(spec)(q, k, v, is_causal=True)
     chex.assert_shape(out, q.shape)
     chex.assert_tree_all_finite(out)

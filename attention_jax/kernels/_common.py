@@ -1,13 +1,20 @@
-"""Pieces the Pallas flash kernels share (plain JAX; imports no Pallas backend)."""
+"""Pieces the Pallas flash kernels share (plain JAX; imports no Pallas backend).
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from attention_jax import _numerics
 
 # float32 constants for in-kernel selects: Python floats in ``jnp.where(c, 1.0, 0.0)`` become float64 under
 # ``jax_enable_x64`` and break the kernels' float32 loop carries.
@@ -18,6 +25,54 @@ _SECOND_ORDER = ("differentiating the Pallas flash kernel's {what} (second-order
                  "a custom VJP that was computed inside a separately jitted function) is not supported; use "
                  "implementation='reference' or 'xla' for that, or differentiate outside the jit so that the "
                  "library can switch to the reference formula itself")
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelConfig:
+  """Static configuration of one flash-kernel call, the fields every kernel shares (hashable: it keys the
+  compilation cache). A kernel module subclasses it for fields of its own."""
+  scale: float
+  soft_cap: float | None
+  is_causal: bool
+  window: tuple[int, int] | None
+  T: int                 # true lengths; Tp / Sp are the padded ones
+  S: int
+  Tp: int
+  Sp: int
+  groups: int            # G = N // K
+  has_q_len: bool
+  has_kv_len: bool
+  has_seg: bool
+  mask: Any              # the kernel's description of a dense mask array (None: no mask)
+  bias: Any              # the same for the bias (None: no bias)
+  blocks: Any            # the kernel's BlockSizes
+  interpret: Any
+  debug: bool
+
+  @classmethod
+  def of(cls, inp, *, path: str, **fields):
+    """The fields derived from validated inputs (``core.AttentionInputs``) the same way by every kernel, plus
+    ``fields`` (padded lengths, masks, blocks, interpret mode, ...). ``path`` names the kernel in errors."""
+    _, T, N, _ = inp.query.shape
+    S, K = inp.key.shape[1:3]
+    return cls(scale=_numerics.static_float("scale", inp.scale, path=path),
+               soft_cap=_numerics.static_float("logits_soft_cap", inp.logits_soft_cap, path=path),
+               is_causal=inp.is_causal, window=inp.window, T=T, S=S, groups=N // K,
+               has_q_len=inp.q_lengths is not None, has_kv_len=inp.kv_lengths is not None,
+               has_seg=inp.q_segment_ids is not None, **fields)
+
+
+def masks_every_block(cfg) -> bool:
+  """Options that can hide pairs inside any block (segment ids, query lengths, a dense mask or bias): no block is
+  known to be fully visible. ``cfg`` is a kernel's static configuration (``has_seg``, ``has_q_len``, ``mask``,
+  ``bias``; None where absent)."""
+  return cfg.has_seg or cfg.has_q_len or cfg.mask is not None or cfg.bias is not None
+
+
+def needs_mask(cfg) -> bool:
+  """Whether any tile needs a mask: causal, a window, padded keys (``Sp != S``), per-example key lengths, or an
+  option of :func:`masks_every_block`."""
+  return cfg.is_causal or cfg.window is not None or cfg.Sp != cfg.S or cfg.has_kv_len or masks_every_block(cfg)
 
 
 def not_differentiable(fn: Callable, what: str) -> Callable:

@@ -22,6 +22,8 @@
 ``flash_attention_reference`` has the same signature and computes the same function plainly.
 On CPU the kernels run in Pallas interpret mode (``interpret=None`` decides by backend). float64 is refused
 (``core.UnsupportedError``); ``dot_product_attention``'s automatic choice then moves on to "blockwise".
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -29,8 +31,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, NamedTuple
 from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -38,13 +40,14 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from attention_jax import _tiling, core
-from attention_jax.kernels._common import F32_0, F32_1, flash_custom_vjp
+from attention_jax import _numerics, _tiling, core
+from attention_jax.kernels._common import (F32_0, F32_1, KernelConfig, flash_custom_vjp, masks_every_block,
+                                           needs_mask)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
-_TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
+_TILE_FIELDS = ("block_q", "block_k", "block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +63,9 @@ class BlockSizes:
   block_q: int = 128
   block_k: int = 64
   block_q_dkv: int = 64
-  block_k_dkv: int = 64
+  block_kv_dkv: int = 64
   block_q_dq: int = 64
-  block_k_dq: int = 64
+  block_kv_dq: int = 64
   num_warps_fwd: int = 4
   num_stages_fwd: int = 2
   num_warps_bwd: int = 4
@@ -104,16 +107,26 @@ def padded_head_dim(head_dim: int) -> int:
 
 _DEFAULT_BLOCKS = {
     # (padded head dim, 4-byte dtype): BlockSizes
-    (16, False): BlockSizes(128, 128, 64, 128, 128, 64, 4, 3, 4, 2),
-    (32, False): BlockSizes(128, 128, 64, 128, 128, 64, 4, 3, 4, 2),
-    (64, False): BlockSizes(128, 128, 64, 64, 64, 64, 4, 3, 4, 2),
-    (128, False): BlockSizes(128, 64, 64, 64, 64, 64, 4, 2, 4, 2),
-    (256, False): BlockSizes(64, 32, 32, 32, 32, 32, 4, 2, 4, 1),
-    (16, True): BlockSizes(64, 64, 32, 64, 64, 32, 4, 2, 4, 2),
-    (32, True): BlockSizes(64, 64, 32, 64, 64, 32, 4, 2, 4, 2),
-    (64, True): BlockSizes(64, 64, 32, 32, 32, 32, 4, 2, 4, 2),
-    (128, True): BlockSizes(64, 32, 32, 32, 32, 32, 4, 2, 4, 1),
-    (256, True): BlockSizes(32, 16, 16, 16, 16, 16, 4, 1, 4, 1),
+    (16, False): BlockSizes(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=128, block_q_dq=128,
+                            block_kv_dq=64, num_warps_fwd=4, num_stages_fwd=3, num_warps_bwd=4, num_stages_bwd=2),
+    (32, False): BlockSizes(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=128, block_q_dq=128,
+                            block_kv_dq=64, num_warps_fwd=4, num_stages_fwd=3, num_warps_bwd=4, num_stages_bwd=2),
+    (64, False): BlockSizes(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64, block_q_dq=64,
+                            block_kv_dq=64, num_warps_fwd=4, num_stages_fwd=3, num_warps_bwd=4, num_stages_bwd=2),
+    (128, False): BlockSizes(block_q=128, block_k=64, block_q_dkv=64, block_kv_dkv=64, block_q_dq=64,
+                             block_kv_dq=64, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=2),
+    (256, False): BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32,
+                             block_kv_dq=32, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=1),
+    (16, True): BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=64, block_q_dq=64,
+                           block_kv_dq=32, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=2),
+    (32, True): BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=64, block_q_dq=64,
+                           block_kv_dq=32, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=2),
+    (64, True): BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32,
+                           block_kv_dq=32, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=2),
+    (128, True): BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32,
+                            block_kv_dq=32, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=1),
+    (256, True): BlockSizes(block_q=32, block_k=16, block_q_dkv=16, block_kv_dkv=16, block_q_dq=16,
+                            block_kv_dq=16, num_warps_fwd=4, num_stages_fwd=1, num_warps_bwd=4, num_stages_bwd=1),
 }
 
 
@@ -142,25 +155,7 @@ def _resolve_block_sizes(block_sizes: BlockSizes | int | None, head_dim: int, dt
 Dims = tuple[bool, bool, bool, bool]   # which axes of a [B|1, N|1, T|1, S|1] mask/bias are full (not broadcast)
 
 
-class _Config(NamedTuple):
-  """Static configuration shared by the kernels (hashable)."""
-  scale: float
-  soft_cap: float | None
-  is_causal: bool
-  window: tuple[int, int] | None
-  T: int                 # true lengths; Tp / Sp are the padded ones
-  S: int
-  Tp: int
-  Sp: int
-  groups: int            # G = N // K
-  has_q_len: bool
-  has_kv_len: bool
-  has_seg: bool
-  mask_dims: Dims | None   # None: no dense mask
-  bias_dims: Dims | None   # None: no bias
-  blocks: BlockSizes
-  interpret: Any
-  debug: bool
+_Config = KernelConfig   # mask / bias: the Dims of a dense mask / bias array
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -195,16 +190,6 @@ def _kv_limit(cfg: _Config, kv_len):
   return cfg.S
 
 
-def _needs_mask(cfg: _Config) -> bool:
-  return (cfg.is_causal or cfg.window is not None or cfg.has_q_len or cfg.has_kv_len or cfg.has_seg
-          or cfg.Sp != cfg.S or cfg.mask_dims is not None or cfg.bias_dims is not None)
-
-
-def _masks_every_block(cfg: _Config) -> bool:
-  """Ids, query lengths, dense masks and biases (which may be -inf) can hide pairs inside any block."""
-  return cfg.has_seg or cfg.has_q_len or cfg.mask_dims is not None or cfg.bias_dims is not None
-
-
 def _and(a, b):
   return b if a is None else a & b
 
@@ -235,9 +220,9 @@ def _masked_scores(cfg: _Config, s, q0, k0, q_len, kv_limit, q_seg, kv_seg, mask
 
 def _split_loops(cfg: _Config, lo, hi, u_lo, u_hi, masked_body, unmasked_body, carry):
   """Runs blocks [lo, hi): the fully visible [u_lo, u_hi) without a mask, the rest with one."""
-  if not _needs_mask(cfg):
+  if not needs_mask(cfg):
     return lax.fori_loop(lo, hi, unmasked_body, carry)
-  if _masks_every_block(cfg):
+  if masks_every_block(cfg):
     return lax.fori_loop(lo, hi, masked_body, carry)
   carry = lax.fori_loop(lo, u_lo, masked_body, carry)
   carry = lax.fori_loop(u_lo, u_hi, unmasked_body, carry)
@@ -268,7 +253,7 @@ def _cols_tile(r: dict, name: str, dims: Dims | None, k0, bk: int):
 
 def _cols_tiles(cfg: _Config, r: dict, k0, bk: int):
   """The dense mask and bias tiles (each None if absent) of a program over query blocks."""
-  return _cols_tile(r, "mask", cfg.mask_dims, k0, bk), _cols_tile(r, "bias", cfg.bias_dims, k0, bk)
+  return _cols_tile(r, "mask", cfg.mask, k0, bk), _cols_tile(r, "bias", cfg.bias, k0, bk)
 
 
 def _dense_5d(x, dims: Dims, K: int):
@@ -304,7 +289,7 @@ def _fwd_kernel(r: dict, o_ref, lse_ref, *, cfg: _Config):
   q_len = r["q_len"][()] if cfg.has_q_len else None
   kv_limit = _kv_limit(cfg, r["kv_len"][()] if cfg.has_kv_len else None)
   q_seg = r["q_seg"][...] if cfg.has_seg else None
-  flags = _needs_mask(cfg)   # rows that see a non-finite value in a masked tile are flagged, then set to NaN
+  flags = needs_mask(cfg)   # rows that see a non-finite value in a masked tile are flagged, then set to NaN
 
   def body(j, carry, masked):
     acc, m, l, bad = carry
@@ -363,8 +348,8 @@ def _specs_q(cfg: _Config, bq: int, hp: int, hvp: int):
       q_seg=pl.BlockSpec((None, bq), lambda i, b, n: (b, qb(i))),
       kv_seg=pl.BlockSpec((None, cfg.Sp), lambda i, b, n: (b, 0)),
       row=pl.BlockSpec((None, None, bq), lambda i, b, n: (b, n, qb(i))),
-      mask=dense(cfg.mask_dims),
-      bias=dense(cfg.bias_dims),
+      mask=dense(cfg.mask),
+      bias=dense(cfg.bias),
   )
 
 
@@ -373,8 +358,8 @@ def _forward(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask):
   K, hvp = v.shape[2:]
   bq = cfg.blocks.block_q
   sp = _specs_q(cfg, bq, hp, hvp)
-  mask5 = None if mask is None else _dense_5d(mask, cfg.mask_dims, K)
-  bias5 = None if bias is None else _dense_5d(bias, cfg.bias_dims, K)
+  mask5 = None if mask is None else _dense_5d(mask, cfg.mask, K)
+  bias5 = None if bias is None else _dense_5d(bias, cfg.bias, K)
   inputs = [("q", q, sp["q"]), ("k", k, sp["k"]), ("v", v, sp["v"]), ("q_len", q_len, sp["scalar"]),
             ("kv_len", kv_len, sp["scalar"]), ("q_seg", q_seg, sp["q_seg"]), ("kv_seg", kv_seg, sp["kv_seg"]),
             ("mask", mask5, sp["mask"]), ("bias", bias5, sp["bias"])]
@@ -409,7 +394,7 @@ def _dlogits(cfg: _Config, p, dp, delta, tanh, vis):
 
 
 def _dkdv_kernel(r: dict, dk_ref, dv_ref, *, cfg: _Config):
-  bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_k_dkv
+  bq, bk = cfg.blocks.block_q_dkv, cfg.blocks.block_kv_dkv
   k0 = pl.program_id(0) * bk
   k, v = r["k"][...], r["v"][...]
   q_len = r["q_len"][()] if cfg.has_q_len else None
@@ -441,7 +426,7 @@ def _dkdv_kernel(r: dict, dk_ref, dv_ref, *, cfg: _Config):
       if masked:
         q_seg = r["q_seg"][pl.ds(q0, bq)] if cfg.has_seg else None
         s, vis = _masked_scores(cfg, s, q0, k0, q_len, kv_limit, q_seg, kv_seg,
-                                rows_tile("mask", cfg.mask_dims, g, q0), rows_tile("bias", cfg.bias_dims, g, q0))
+                                rows_tile("mask", cfg.mask, g, q0), rows_tile("bias", cfg.bias, g, q0))
         q = _clean(q)        # a hidden query row may hold garbage; ds is 0 there, and 0 * NaN must not happen
       p = _probs(s, lse2, vis)
       dv = dv + _dot(p.astype(do.dtype).T, do)
@@ -459,7 +444,7 @@ def _dkdv_kernel(r: dict, dk_ref, dv_ref, *, cfg: _Config):
 
 
 def _dq_kernel(r: dict, dq_ref, *, cfg: _Config):
-  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
+  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
   q0 = _q_block(cfg, pl.program_id(0), bq) * bq
   q, do = r["q"][...], r["do"][...]
   lse2, delta = r["lse2"][...], r["delta"][...]
@@ -490,8 +475,8 @@ def _dbias_kernel(r: dict, dbias_ref, *, cfg: _Config):
   """One program per (query block, bias batch row, bias head): loops over the key blocks its rows can see and over
   the (batch, head) pairs the bias broadcasts over, recomputing each tile's dS and summing it into the bias's
   shape (rows / columns summed where the bias broadcasts over T / S)."""
-  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_k_dq
-  fb, fn, ft, fs = cfg.bias_dims
+  bq, bk = cfg.blocks.block_q_dq, cfg.blocks.block_kv_dq
+  fb, fn, ft, fs = cfg.bias
   B, _, N, _ = r["q"].shape
   G = cfg.groups
   q0 = pl.program_id(0) * bq
@@ -522,13 +507,13 @@ def _dbias_kernel(r: dict, dbias_ref, *, cfg: _Config):
     q_seg = r["q_seg"][b, :] if cfg.has_seg else None
     kv_seg = r["kv_seg"][b, pl.ds(k0, bk)] if cfg.has_seg else None
     mask = None
-    if cfg.mask_dims is not None:
-      mb, mn, _, ms = cfg.mask_dims
+    if cfg.mask is not None:
+      mb, mn, _, ms = cfg.mask
       idx = (b if mb else 0, _tiling.floordiv(n, G) if mn else 0, lax.rem(n, G) if mn else 0, slice(None))
       mask = r["mask"][idx + ((pl.ds(k0, bk),) if ms else (slice(None),))]
     s, _ = _scores(cfg, q, k)
     s, vis = _masked_scores(cfg, s, q0, k0, q_len, kv_limit, q_seg, kv_seg, mask,
-                            _cols_tile(r, "bias", cfg.bias_dims, k0, bk))
+                            _cols_tile(r, "bias", cfg.bias, k0, bk))
     ds = _probs(s, lse2, vis) * (_dot(do, v.T) - delta[:, None])    # d logits, before the soft-cap
     return jnp.where(vis, ds, 0.0)
 
@@ -571,14 +556,14 @@ def _dbias(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask, d_ou
   B, Tp, N, hp = q.shape
   Sp, K, hvp = v.shape[1:]
   Bb, Nb = bias.shape[:2]
-  fb, fn, ft, fs = cfg.bias_dims
+  fb, fn, ft, fs = cfg.bias
   bq = cfg.blocks.block_q_dq
   nq = Tp // bq
   full = lambda shape: pl.BlockSpec(shape, lambda i, b, n: (0,) * len(shape))
   mask_spec = None
   if mask is not None:
-    mask = _dense_5d(mask, cfg.mask_dims, K)
-    mt = cfg.mask_dims[2]
+    mask = _dense_5d(mask, cfg.mask, K)
+    mt = cfg.mask[2]
     mask_spec = pl.BlockSpec(mask.shape[:3] + (bq if mt else 1, mask.shape[4]),
                              lambda i, b, n: (0, 0, 0, i if mt else 0, 0))
   bias_spec = pl.BlockSpec((None, None, bq if ft else 1, Sp if fs else 1),
@@ -607,15 +592,14 @@ def _backward(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask, o
   B, Tp, N, hp = q.shape
   Sp, K, hvp = v.shape[1:]
   G = cfg.groups
-  delta = jnp.einsum("btnh,btnh->bnt", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  delta = delta - d_lse.astype(jnp.float32)             # a logsumexp cotangent enters as -d_lse
+  delta = _numerics.backward_delta(out, d_out, d_lse, jnp.float32)
   # Rows with no visible key have lse 0 in the residuals (or -inf): either way every logit of theirs is masked.
   lse2 = jnp.where(jnp.isneginf(lse), jnp.inf, lse * LOG2E)
   blk = cfg.blocks
   params = plgpu.CompilerParams(num_warps=blk.num_warps_bwd, num_stages=blk.num_stages_bwd)
 
   # dK, dV: one program per (key block, batch, kv head); the G query heads of that kv head are looped inside.
-  bk = blk.block_k_dkv
+  bk = blk.block_kv_dkv
 
   def dense_kv(dims):
     if dims is None:
@@ -628,8 +612,8 @@ def _backward(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask, o
   rows = pl.BlockSpec((None, None, G, Tp), lambda j, b, h: (b, h, 0, 0))
   k_blk = pl.BlockSpec((None, bk, None, hp), lambda j, b, h: (b, j, h, 0))
   v_blk = pl.BlockSpec((None, bk, None, hvp), lambda j, b, h: (b, j, h, 0))
-  mask5 = None if mask is None else _dense_5d(mask, cfg.mask_dims, K)
-  bias5 = None if bias is None else _dense_5d(bias, cfg.bias_dims, K)
+  mask5 = None if mask is None else _dense_5d(mask, cfg.mask, K)
+  bias5 = None if bias is None else _dense_5d(bias, cfg.bias, K)
   inputs = [("q", q.reshape(B, Tp, K, G, hp), pl.BlockSpec((None, Tp, None, G, hp), lambda j, b, h: (b, 0, h, 0, 0))),
             ("k", k, k_blk), ("v", v, v_blk),
             ("do", d_out.reshape(B, Tp, K, G, hvp),
@@ -638,7 +622,7 @@ def _backward(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask, o
             ("q_len", q_len, scalar), ("kv_len", kv_len, scalar),
             ("q_seg", q_seg, pl.BlockSpec((None, Tp), lambda j, b, h: (b, 0))),
             ("kv_seg", kv_seg, pl.BlockSpec((None, bk), lambda j, b, h: (b, j))),
-            ("mask", mask5, dense_kv(cfg.mask_dims)), ("bias", bias5, dense_kv(cfg.bias_dims))]
+            ("mask", mask5, dense_kv(cfg.mask)), ("bias", bias5, dense_kv(cfg.bias))]
   dk, dv = _pallas(_dkdv_kernel, cfg, "attention_jax_flash_dkdv", (Sp // bk, B, K), inputs,
                    out_specs=[k_blk, v_blk],
                    out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
@@ -670,6 +654,7 @@ _flash = flash_custom_vjp(_forward, _backward, with_bias=True, finite_residuals=
 
 
 def _resolve_interpret(interpret):
+  """None: interpreted on CPU, compiled on GPU; ``core.UnsupportedError`` on other backends."""
   if interpret is None:
     backend = jax.default_backend()
     if backend == "cpu":
@@ -682,6 +667,7 @@ def _resolve_interpret(interpret):
   return interpret
 
 
+_PATH = "the Pallas flash kernel (Triton)"
 MAX_HEAD_DIM = 256   # a tile holds a whole (padded) head dim; beyond this it would not fit the GPU's on-chip memory
 
 
@@ -721,7 +707,6 @@ def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | None =
   """Runs validated inputs through the kernels: ``(output [B,T,N,Hv], lse [B,N,T])`` (differentiable, also with
   respect to the bias). ``core.UnsupportedError`` for what the kernel cannot take."""
   _check_supported(inp)
-  from attention_jax.blockwise import _static_float   # shared helper; blockwise is pure JAX and light
   B, T, N, H = inp.query.shape
   S, K, Hv = inp.value.shape[1:]
   blocks = _resolve_block_sizes(block_sizes, max(H, Hv), inp.query.dtype)
@@ -729,21 +714,17 @@ def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | None =
   fit = lambda b, n: min(b, max(16, pl.next_power_of_2(n)))
   blocks = dataclasses.replace(
       blocks, block_q=fit(blocks.block_q, T), block_q_dkv=fit(blocks.block_q_dkv, T),
-      block_q_dq=fit(blocks.block_q_dq, T), block_k=fit(blocks.block_k, S), block_k_dkv=fit(blocks.block_k_dkv, S),
-      block_k_dq=fit(blocks.block_k_dq, S))
+      block_q_dq=fit(blocks.block_q_dq, T), block_k=fit(blocks.block_k, S), block_kv_dkv=fit(blocks.block_kv_dkv, S),
+      block_kv_dq=fit(blocks.block_kv_dq, S))
   tq = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
-  tk = max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq)
+  tk = max(blocks.block_k, blocks.block_kv_dkv, blocks.block_kv_dq)
   Tp, Sp = _tiling.cdiv(T, tq) * tq, _tiling.cdiv(S, tk) * tk
   hp, hvp = padded_head_dim(H), padded_head_dim(Hv)
-  cfg = _Config(scale=_static_float("scale", inp.scale),
-                soft_cap=_static_float("logits_soft_cap", inp.logits_soft_cap), is_causal=inp.is_causal,
-                window=inp.window, T=T, S=S, Tp=Tp, Sp=Sp, groups=N // K, has_q_len=inp.q_lengths is not None,
-                has_kv_len=inp.kv_lengths is not None, has_seg=inp.q_segment_ids is not None,
-                mask_dims=_dense_dims(inp.mask), bias_dims=_dense_dims(inp.bias), blocks=blocks,
-                interpret=_resolve_interpret(interpret), debug=debug)
+  cfg = _Config.of(inp, path=_PATH, Tp=Tp, Sp=Sp, mask=_dense_dims(inp.mask), bias=_dense_dims(inp.bias),
+                   blocks=blocks, interpret=_resolve_interpret(interpret), debug=debug)
   pad = lambda x, n, h: jnp.pad(x, ((0, 0), (0, n - x.shape[1]), (0, 0), (0, h - x.shape[3])))
   # A non-finite query or key row makes every logit it enters NaN (an Inf must not yield a -inf that hides a key).
-  q, k = pad(core.nan_rows(inp.query), Tp, hp), pad(core.nan_rows(inp.key), Sp, hp)
+  q, k = pad(_numerics.nan_rows(inp.query), Tp, hp), pad(_numerics.nan_rows(inp.key), Sp, hp)
   v = pad(inp.value, Sp, hvp)
   seg = lambda x, n, fill: None if x is None else jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill)
   aux = (inp.q_lengths, inp.kv_lengths, seg(inp.q_segment_ids, Tp, -1), seg(inp.kv_segment_ids, Sp, -2),
@@ -752,49 +733,20 @@ def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | None =
   return out[:, :T, :, :Hv], lse[:, :, :T]
 
 
-def flash_attention(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                    query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None, q_segment_ids=None,
-                    kv_segment_ids=None, logits_soft_cap=None, block_sizes: BlockSizes | int | None = None,
-                    interpret=None, return_residual: bool = False, debug: bool = False):
-  """Flash attention (Pallas, Triton lowering); semantics of :func:`attention_jax.dot_product_attention`.
+def _run(inp: core.AttentionInputs, *, return_residual: bool, **options):
+  return core.run_custom(flash_core, inp, options=tuple(options.items()), return_residual=return_residual)
+
+
+flash_attention = core.attention_function(
+    _run, name="flash_attention", module=__name__,
+    options={"block_sizes": core.Option(None, check_block_sizes), "interpret": core.Option(None),
+             "debug": core.Option(False, bool)},
+    doc="""Flash attention (Pallas, Triton lowering); semantics of :func:`attention_jax.dot_product_attention`.
 
   ``query [*B, T, N, H]``, ``key [*B, S, K, H]``, ``value [*B, S, K, Hv]``, any T and S, ``N % K == 0``; dense
   ``bias`` / ``mask`` arrays broadcastable to ``[*B, N, T, S]`` (differentiable bias). ``block_sizes`` overrides
   :meth:`BlockSizes.get_default` (a plain int: that tile size everywhere); ``interpret=None`` interprets on CPU and
   compiles on GPU. ``return_residual=True`` also returns the logsumexp ``[*B, T, N]`` as ``jax.nn`` does.
   float64 raises ``core.UnsupportedError`` (use ``blockwise_attention`` or the reference).
-  """
-  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  options = (("block_sizes", check_block_sizes(block_sizes)), ("interpret", _resolve_interpret(interpret)),
-             ("debug", bool(debug)))
-  return core.run_custom(flash_core, inp, options=options, return_residual=return_residual)
-
-
-def _reference_core(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
-  out, lse, _ = core.reference_core(inp)
-  return out, lse
-
-
-def flash_attention_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                              query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                              q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                              block_sizes: BlockSizes | int | None = None, interpret=None,
-                              return_residual: bool = False, debug: bool = False):
-  """The plain algorithm with :func:`flash_attention`'s signature (tiling arguments are ignored)."""
-  del block_sizes, interpret, debug
-  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  return core.run_custom(_reference_core, inp, return_residual=return_residual, custom_vjp=False)
-
-
-def _dispatch(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
-  out, lse = flash_core(inp)
-  return out, lax.stop_gradient(lse)
-
-
-core.register_implementation("pallas", _dispatch)
+  """)
+flash_attention_reference = core.reference_function(flash_attention, module=__name__)

@@ -40,6 +40,8 @@ aligned to the 8 x 128 TPU tiling, with no transpose to a head-major layout. Ker
 (``interpret=True``, which has no side effects and so composes with ``jax.checkpoint``); pass
 ``interpret=pltpu.InterpretParams()`` for the TPU interpret mode, which simulates TPU memory and DMAs (stale VMEM
 buffers, out-of-bounds checks) but carries IO effects that ``jax.checkpoint`` cannot differentiate.
+
+The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
 
 from __future__ import annotations
@@ -55,16 +57,13 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from attention_jax import _tiling, core
-from attention_jax.kernels._common import F32_0, F32_1, flash_custom_vjp
+from attention_jax import _numerics, _tiling, core
+from attention_jax.kernels._common import (F32_0, F32_1, KernelConfig, flash_custom_vjp, masks_every_block,
+                                           needs_mask)
 
 LANES = 128      # TPU vector register: 8 sublanes x 128 lanes (of 32-bit values)
 SUBLANES = 8
 _FIELDS = ("block_q", "block_k", "block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq")
-
-
-def _round_up(n: int, m: int) -> int:
-  return _tiling.cdiv(n, m) * m
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +92,7 @@ class BlockSizes:
     Provisional and unmeasured (no TPU was available): 512 follows MaxText's splash-attention defaults; on TPU,
     ``experiments/bench_kernels.py --implementations=pallas_tpu`` is the place to re-tune them.
     """
-    if _round_up(head_dim, LANES) <= 128 and jnp.dtype(dtype).itemsize <= 2:
+    if _numerics.round_up(head_dim, LANES) <= 128 and jnp.dtype(dtype).itemsize <= 2:
       return cls()
     return cls(*(256,) * 6)
 
@@ -153,27 +152,12 @@ class _Dense(NamedTuple):
     return x[:, :, :T if self.rows else 1, :S if self.cols else 1]
 
 
-class _Config(NamedTuple):
-  """Static configuration shared by the kernels (hashable)."""
-  scale: float
-  soft_cap: float | None
-  is_causal: bool
-  window: tuple[int, int] | None
-  T: int                 # true lengths; Tp / Sp are the padded ones
-  S: int
-  Tp: int
-  Sp: int
+@dataclasses.dataclass(frozen=True)
+class _Config(KernelConfig):
+  """:class:`KernelConfig` (``mask`` / ``bias``: :class:`_Dense`; ``interpret``: False, True or a
+  ``pltpu.InterpretParams``) and the padded head dims."""
   hp: int                # query/key head dim padded to a multiple of 128
   hvp: int               # value head dim padded to a multiple of 128
-  groups: int            # G = N // K
-  has_q_len: bool
-  has_kv_len: bool
-  has_seg: bool
-  mask: _Dense | None
-  bias: _Dense | None
-  blocks: BlockSizes
-  interpret: Any         # False, True, or pltpu.InterpretParams
-  debug: bool
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -181,21 +165,12 @@ class _Config(NamedTuple):
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _needs_mask(cfg: _Config) -> bool:
-  return (cfg.is_causal or cfg.window is not None or cfg.Sp != cfg.S or cfg.has_kv_len or _always_masked(cfg))
-
-
-def _always_masked(cfg: _Config) -> bool:
-  """Options that can hide pairs inside any block: no block is known to be fully visible."""
-  return cfg.has_seg or cfg.has_q_len or cfg.mask is not None or cfg.bias is not None
-
-
 def _blocks(cfg: _Config, range_fn, unmasked_fn, start, own: int, other: int, limits: dict, kv_len):
   """The blocks ``[lo, hi)`` along the other axis that a block ``[start, start + own)`` meets, and the fully
   visible sub-range ``[u_lo, u_hi)``."""
   band = dict(is_causal=cfg.is_causal, window=cfg.window)
   lo, hi = range_fn(start, own, other, **limits, **band)
-  if _always_masked(cfg):
+  if masks_every_block(cfg):
     return lo, hi, lo, lo
   return (lo, hi, *unmasked_fn(start, own, other, lo, hi, kv_len=kv_len, **band))
 
@@ -224,10 +199,10 @@ def _clamp(idx, lo, hi, n: int):
 def _run_blocks(cfg: _Config, idx, lo, hi, u_lo, u_hi, step) -> None:
   """Runs ``step(masked)`` when grid step ``idx`` is in ``[lo, hi)``; unmasked inside ``[u_lo, u_hi)``."""
   run = (idx >= lo) & (idx < hi)
-  if not _needs_mask(cfg):
+  if not needs_mask(cfg):
     pl.when(run)(lambda: step(False))
     return
-  if _always_masked(cfg):
+  if masks_every_block(cfg):
     pl.when(run)(lambda: step(True))
     return
   full = (idx >= u_lo) & (idx < u_hi)
@@ -677,9 +652,8 @@ def _backward(cfg: _Config, q, k, v, bias, q_len, kv_len, q_seg, kv_seg, mask, o
   B, Tp, _ = q.shape
   hp, hvp, G = cfg.hp, cfg.hvp, cfg.groups
   N, K = q.shape[2] // hp, k.shape[2] // hp
-  heads = lambda x: x.reshape(B, Tp, N, hvp).astype(jnp.float32)
-  delta = jnp.einsum("btnh,btnh->bnt", heads(d_out), heads(out))
-  delta = _rows(delta - d_lse.astype(jnp.float32), B, N)         # a logsumexp cotangent enters as -d_lse
+  heads = lambda x: x.reshape(B, Tp, N, hvp)
+  delta = _rows(_numerics.backward_delta(heads(out), heads(d_out), d_lse, jnp.float32), B, N)
   lse = _rows(lse, B, N)          # finite: rows with no key hold 0 (their logits are all -inf, so P = 0)
   ops = _operands(cfg, q_seg, kv_seg, mask, bias)
   blk = cfg.blocks
@@ -737,9 +711,19 @@ _flash = flash_custom_vjp(_forward, _backward, with_bias=True, finite_residuals=
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _check_interpret(interpret):
+  """None, a bool, or a ``pltpu.InterpretParams`` (the TPU interpret mode); anything else is a ``ValueError``."""
+  if interpret is None or isinstance(interpret, pltpu.InterpretParams):
+    return interpret
+  if isinstance(interpret, (bool, np.bool_)):
+    return bool(interpret)
+  raise ValueError(f"interpret must be None, a bool or a pltpu.InterpretParams; got {interpret!r}")
+
+
 def _resolve_interpret(interpret):
   """None: compiled on TPU, Pallas's interpreter (``True``) on CPU. A ``pltpu.InterpretParams`` selects the TPU
   interpret mode. ``core.UnsupportedError`` on other backends."""
+  interpret = _check_interpret(interpret)
   if interpret is None:
     backend = jax.default_backend()
     if backend == "tpu":
@@ -749,21 +733,10 @@ def _resolve_interpret(interpret):
           f"the Mosaic TPU flash kernel runs on TPU (or interpreted on CPU); backend is {backend!r}. Use "
           "implementation='pallas' on GPU or 'blockwise' anywhere")
     return True
-  if isinstance(interpret, (bool, np.bool_)):
-    return bool(interpret)
-  if not isinstance(interpret, pltpu.InterpretParams):
-    raise ValueError(f"interpret must be None, a bool or a pltpu.InterpretParams; got {interpret!r}")
   return interpret
 
 
-def _static_float(name: str, x) -> float | None:
-  if x is None:
-    return None
-  try:
-    return float(x)
-  except (TypeError, jax.errors.ConcretizationTypeError):
-    raise core.UnsupportedError(f"the Pallas TPU flash kernel needs a concrete {name}; got the traced value {x!r}. "
-                                "Use implementation='blockwise' or 'reference'") from None
+_PATH = "the Pallas TPU flash kernel"
 
 
 _KERNEL_DTYPES = {jnp.dtype(jnp.bfloat16): jnp.bfloat16, jnp.dtype(jnp.float32): jnp.float32,
@@ -798,24 +771,20 @@ def flash_tpu_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | No
   fit = lambda b, n: min(b, max(LANES, pl.next_power_of_2(n)))
   blocks = BlockSizes(fit(blocks.block_q, T), fit(blocks.block_k, S), fit(blocks.block_q_dkv, T),
                       fit(blocks.block_k_dkv, S), fit(blocks.block_q_dq, T), fit(blocks.block_k_dq, S))
-  Tp = _round_up(T, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
-  Sp = _round_up(S, max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
-  hp, hvp = _round_up(H, LANES), _round_up(Hv, LANES)
+  Tp = _numerics.round_up(T, max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq))
+  Sp = _numerics.round_up(S, max(blocks.block_k, blocks.block_k_dkv, blocks.block_k_dq))
+  hp, hvp = _numerics.round_up(H, LANES), _numerics.round_up(Hv, LANES)
   bias = None
   if inp.bias is not None:   # float32 in the kernels (a bfloat16 bias stays bfloat16)
     bias = inp.bias.astype(jnp.bfloat16 if inp.bias.dtype == jnp.bfloat16 else jnp.float32)
-  cfg = _Config(scale=_static_float("scale", inp.scale),
-                soft_cap=_static_float("logits_soft_cap", inp.logits_soft_cap), is_causal=inp.is_causal,
-                window=inp.window, T=T, S=S, Tp=Tp, Sp=Sp, hp=hp, hvp=hvp, groups=N // K,
-                has_q_len=inp.q_lengths is not None, has_kv_len=inp.kv_lengths is not None,
-                has_seg=inp.q_segment_ids is not None, mask=_Dense.of(inp.mask, jnp.bfloat16),
-                bias=_Dense.of(bias, None if bias is None else bias.dtype), blocks=blocks,
-                interpret=_resolve_interpret(interpret), debug=debug)
+  cfg = _Config.of(inp, path=_PATH, Tp=Tp, Sp=Sp, hp=hp, hvp=hvp, mask=_Dense.of(inp.mask, jnp.bfloat16),
+                   bias=_Dense.of(bias, None if bias is None else bias.dtype), blocks=blocks,
+                   interpret=_resolve_interpret(interpret), debug=debug)
   # [B, L, heads, H] -> [B, Lp, heads * Hp]: zero padding, then a free reshape.
   flat = lambda x, n, h: jnp.pad(x.astype(kernel_dtype), ((0, 0), (0, n - x.shape[1]), (0, 0), (0, h - x.shape[3]))
                                  ).reshape(B, n, -1)
   # A non-finite query or key row makes every logit it enters NaN (an Inf must not yield a -inf that hides a key).
-  q, k = flat(core.nan_rows(inp.query), Tp, hp), flat(core.nan_rows(inp.key), Sp, hp)
+  q, k = flat(_numerics.nan_rows(inp.query), Tp, hp), flat(_numerics.nan_rows(inp.key), Sp, hp)
   v = flat(inp.value, Sp, hvp)
   length = lambda x, n: jnp.full((B,), n, jnp.int32) if x is None else jnp.clip(x, 0, n).astype(jnp.int32)
   pad_ids = lambda x, n, fill: None if x is None else jnp.pad(x, ((0, 0), (0, n - x.shape[1])), constant_values=fill)
@@ -825,12 +794,15 @@ def flash_tpu_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | No
   return out.reshape(B, Tp, N, hvp)[:, :T, :, :Hv].astype(dtype), lse[:, :, :T]
 
 
-def flash_attention_tpu(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                        query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                        q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                        block_sizes: BlockSizes | int | None = None, interpret=None, return_residual: bool = False,
-                        debug: bool = False):
-  """Flash attention (Pallas, Mosaic TPU lowering); semantics of :func:`attention_jax.dot_product_attention`.
+def _run(inp: core.AttentionInputs, *, return_residual: bool, **options):
+  return core.run_custom(flash_tpu_core, inp, options=tuple(options.items()), return_residual=return_residual)
+
+
+flash_attention_tpu = core.attention_function(
+    _run, name="flash_attention_tpu", module=__name__,
+    options={"block_sizes": core.Option(None, check_block_sizes), "interpret": core.Option(None, _check_interpret),
+             "debug": core.Option(False, bool)},
+    doc="""Flash attention (Pallas, Mosaic TPU lowering); semantics of :func:`attention_jax.dot_product_attention`.
 
   ``query [*B, T, N, H]``, ``key [*B, S, K, H]``, ``value [*B, S, K, Hv]``, any T, S, H and Hv, ``N % K == 0``;
   dense ``bias`` / ``mask`` arrays broadcastable to ``[*B, N, T, S]`` (differentiable bias). ``block_sizes``
@@ -838,38 +810,5 @@ def flash_attention_tpu(query, key, value, bias=None, mask=None, *, scale=None, 
   on TPU and interprets on CPU (``interpret=True``: Pallas's interpreter; ``pltpu.InterpretParams()``: the TPU
   interpret mode, which ``jax.checkpoint`` cannot differentiate). ``return_residual=True`` also returns the
   logsumexp ``[*B, T, N]`` as ``jax.nn`` does. float64 raises ``core.UnsupportedError``.
-  """
-  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  options = (("block_sizes", check_block_sizes(block_sizes)), ("interpret", _resolve_interpret(interpret)),
-             ("debug", bool(debug)))
-  return core.run_custom(flash_tpu_core, inp, options=options, return_residual=return_residual)
-
-
-def _reference_core(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
-  out, lse, _ = core.reference_core(inp)
-  return out, lse
-
-
-def flash_attention_tpu_reference(query, key, value, bias=None, mask=None, *, scale=None, is_causal=False,
-                                  query_seq_lengths=None, key_value_seq_lengths=None, local_window_size=None,
-                                  q_segment_ids=None, kv_segment_ids=None, logits_soft_cap=None,
-                                  block_sizes: BlockSizes | int | None = None, interpret=None,
-                                  return_residual: bool = False, debug: bool = False):
-  """The plain algorithm with :func:`flash_attention_tpu`'s signature (tiling arguments are ignored)."""
-  del block_sizes, interpret, debug
-  inp = core.prepare_inputs(query, key, value, bias, mask, scale=scale, is_causal=is_causal,
-                            query_seq_lengths=query_seq_lengths, key_value_seq_lengths=key_value_seq_lengths,
-                            local_window_size=local_window_size, q_segment_ids=q_segment_ids,
-                            kv_segment_ids=kv_segment_ids, logits_soft_cap=logits_soft_cap)
-  return core.run_custom(_reference_core, inp, return_residual=return_residual, custom_vjp=False)
-
-
-def _dispatch(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]:
-  out, lse = flash_tpu_core(inp)
-  return out, lax.stop_gradient(lse)
-
-
-core.register_implementation("pallas_tpu", _dispatch)
+  """)
+flash_attention_tpu_reference = core.reference_function(flash_attention_tpu, module=__name__)
