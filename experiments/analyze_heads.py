@@ -31,32 +31,37 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 from flax import nnx, serialization
 
 from attention_jax import viz
+from experiments import common
+from experiments import config as config_lib
 from experiments import tasks as tasks_lib
 from experiments import train as train_lib
+from experiments.config import setting
 
 STATS = ("entropy", "previous_token", "induction", "distance")
+WORKDIR = "/tmp/analyze_heads"   # --workdir's default
 
 
 @dataclasses.dataclass(frozen=True)
 class HeadsConfig:
-  task: str = "induction"          # "induction" or "mqar"
-  seq_len: int = 32
-  vocab_size: int | None = None    # default: 16 for induction (the Mamba setting), max(128, 2 T) for MQAR
-  num_kv_pairs: int = 4            # MQAR only
-  d_model: int = 64
-  num_heads: int = 2
-  num_layers: int = 2
-  steps: int = 2000
-  batch_size: int = 64
-  lr: float = 3e-3
-  seed: int = 0
-  period: int | None = None        # repeated-sequence period P (default: as long as distinct tokens allow)
-  num_sequences: int = 64          # repeated sequences averaged over
-  eval_batches: int = 2            # task test batches (of 128) for the answer attention
+  task: str = setting("induction", "Task to train on.", choices=("induction", "mqar"))
+  seq_len: int = setting(32, "Task sequence length.")
+  vocab_size: int | None = setting(None, "Task vocabulary (default: 16 for induction, the Mamba setting; "
+                                         "max(128, 2 T) for MQAR).")
+  num_kv_pairs: int = setting(4, "MQAR key-value pairs.")
+  d_model: int = setting(64, "Model width.")
+  num_heads: int = setting(2, "Heads per layer.")
+  num_layers: int = setting(2, "Layers.")
+  steps: int = setting(2000, "Training steps.")
+  batch_size: int = setting(64, "Batch size.")
+  lr: float = setting(3e-3, "Peak learning rate.")
+  seed: int = setting(0, "Seed (parameters, data).")
+  period: int | None = setting(None, "Repeated-sequence period P (default: as long as distinct tokens allow).")
+  num_sequences: int = setting(64, "Repeated sequences averaged over.")
+  eval_batches: int = setting(2, "Task test batches (of 128) for the answer attention.")
+  reuse: bool = setting(False, "Analyse the model a previous run saved in --workdir instead of training one.")
 
 
 PRESETS = {
@@ -169,19 +174,18 @@ def markdown_table(result: dict, metrics: dict) -> str:
   u, context = result["uniform_causal"], result["context_len"]
   split = [f"induction, target < {context}", f"induction, target ≥ {context}"] if context else []
   columns = ["entropy (nats)", "previous-token", "induction", *split, "distance", "answer attention"]
-  lines = [f"Repeated random sequences of period P = {result['period']} (length {2 * result['period']}); "
+  intro = (f"Repeated random sequences of period P = {result['period']} (length {2 * result['period']}); "
            f"answer attention on task test examples. Task test accuracy after training: "
-           f"{100 * metrics.get('accuracy', float('nan')):.1f}% ({metrics.get('steps')} steps).", "",
-           "| layer | head | " + " | ".join(columns) + " |", "|---:|---:|" + "---:|" * len(columns)]
+           f"{100 * metrics.get('accuracy', float('nan')):.1f}% ({metrics.get('steps')} steps).")
+  rows = []
   for h in result["heads"]:
     split_cells = [f"{h['induction_in_context']:.3f}", f"{h['induction_beyond_context']:.3f}"] if context else []
-    cells = [f"{h['entropy']:.2f}", f"{h['previous_token']:.3f}", f"{h['induction']:.3f}", *split_cells,
-             f"{h['distance']:.1f}", f"{h['answer_attention']:.3f}"]
-    lines.append(f"| {h['layer']} | {h['head']} | " + " | ".join(cells) + " |")
-  cells = [f"{u['entropy']:.2f}", f"{u['previous_token']:.3f}", f"{u['induction']:.3f}", *(["–"] * len(split)),
-           f"{u['distance']:.1f}", "–"]
-  lines.append("| uniform causal head | – | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+    rows.append([h["layer"], h["head"], f"{h['entropy']:.2f}", f"{h['previous_token']:.3f}", f"{h['induction']:.3f}",
+                 *split_cells, f"{h['distance']:.1f}", f"{h['answer_attention']:.3f}"])
+  rows.append(["uniform causal head", "–", f"{u['entropy']:.2f}", f"{u['previous_token']:.3f}",
+               f"{u['induction']:.3f}", *(["–"] * len(split)), f"{u['distance']:.1f}", "–"])
+  table = common.markdown_table(["layer", "head", *columns], rows, "r" * (len(columns) + 2))
+  return intro + "\n\n" + table + "\n"
 
 
 def head_title(h: dict) -> str:
@@ -233,13 +237,13 @@ def load_model(config: HeadsConfig, task, path: str):
   return model
 
 
-def train_or_load(config: HeadsConfig, task, workdir: str, reuse: bool):
-  """Trains (train.py) and saves the model, or with ``reuse`` loads the one a previous run saved in ``workdir``."""
+def train_or_load(config: HeadsConfig, task, workdir: str | os.PathLike):
+  """Trains (train.py) and saves the model into ``workdir``/train, or with ``config.reuse`` loads the one a
+  previous run saved there."""
   train_dir = os.path.join(workdir, "train")
   checkpoint = os.path.join(train_dir, "params.msgpack")
-  if reuse:
-    with open(os.path.join(train_dir, "config.json")) as f:
-      saved = json.load(f)
+  if config.reuse:
+    saved = common.read_json(os.path.join(train_dir, "config.json"))
     if saved != json.loads(json.dumps(dataclasses.asdict(train_config(config)))):
       raise ValueError(f"--reuse: {train_dir}/config.json was written for another configuration: {saved}")
     with open(os.path.join(train_dir, "metrics.jsonl")) as f:
@@ -250,61 +254,28 @@ def train_or_load(config: HeadsConfig, task, workdir: str, reuse: bool):
   return trained.model, trained.metrics
 
 
-def train_and_evaluate(config: HeadsConfig, workdir: str, verbose: bool = True, reuse: bool = False) -> dict:
-  """Trains (or reuses) the model, analyses its heads, writes the tables and plots; returns the results."""
+def train_and_evaluate(config: HeadsConfig, workdir: str | os.PathLike, verbose: bool = True) -> dict:
+  """Trains (or with ``config.reuse`` reloads) the model, analyses its heads, writes the tables and plots into
+  ``workdir``; returns the results."""
+  workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   t0 = time.perf_counter()
   task = tasks_lib.make_task(config.task, **task_kwargs(config))
-  model, train_metrics = train_or_load(config, task, workdir, reuse)
+  model, train_metrics = train_or_load(config, task, workdir)
   result = analyze(model, config, task)
   plots = plot(model, result, config, task, workdir)
   wall_s = time.perf_counter() - t0
   metrics = {k: v for k, v in train_metrics.items() if isinstance(v, (int, float, type(None)))}
-  out = dict(config=dataclasses.asdict(config), train_metrics=metrics, wall_s=wall_s, jax=jax.__version__, **result)
-  with open(os.path.join(workdir, "head_stats.json"), "w") as f:
-    json.dump(out, f, indent=1)
+  out = dict(config=dataclasses.asdict(config), train_metrics=metrics, wall_s=wall_s, **common.run_metadata(),
+             **result)
+  common.write_json(os.path.join(workdir, "head_stats.json"), out)
   table = markdown_table(result, metrics)
-  with open(os.path.join(workdir, "head_stats.md"), "w") as f:
-    f.write(table)
+  common.write_text(os.path.join(workdir, "head_stats.md"), table)
   if verbose:
     print(table)
     print(f"wall time {wall_s:.0f}s; wrote {', '.join(os.path.basename(p) for p in plots)} to {workdir}")
   return out
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """Defines the command-line flags (only when run as a script, so importing never clashes with other
-  experiments' flags of the same name)."""
-  flags.DEFINE_string("workdir", "/tmp/analyze_heads", "Output directory.")
-  flags.DEFINE_enum("preset", "default", list(PRESETS), "Base configuration; the flags below override it.")
-  flags.DEFINE_enum("task", None, ["induction", "mqar"], "Task to train on.")
-  flags.DEFINE_integer("seq_len", None, "Task sequence length.")
-  flags.DEFINE_integer("vocab_size", None, "Task vocabulary.")
-  flags.DEFINE_integer("num_heads", None, "Heads per layer.")
-  flags.DEFINE_integer("num_layers", None, "Layers.")
-  flags.DEFINE_integer("d_model", None, "Model width.")
-  flags.DEFINE_integer("steps", None, "Training steps.")
-  flags.DEFINE_float("lr", None, "Peak learning rate.")
-  flags.DEFINE_integer("seed", None, "Seed (parameters, data).")
-  flags.DEFINE_bool("reuse", False, "Analyse the model a previous run saved in --workdir instead of training one.")
-
-
-def config_from_flags() -> HeadsConfig:
-  overrides = dict(PRESETS[FLAGS.preset])
-  for name in ("task", "seq_len", "vocab_size", "num_heads", "num_layers", "d_model", "steps", "lr", "seed"):
-    if getattr(FLAGS, name) is not None:
-      overrides[name] = getattr(FLAGS, name)
-  return HeadsConfig(**overrides)
-
-
-def main(argv):
-  del argv
-  train_and_evaluate(config_from_flags(), FLAGS.workdir, reuse=FLAGS.reuse)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  config_lib.run(train_and_evaluate, HeadsConfig, PRESETS, workdir=WORKDIR)

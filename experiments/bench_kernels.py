@@ -13,9 +13,10 @@ per function and does not depend on what ran before.
   python -m experiments.bench_kernels --summarize=/tmp/bench.json                  # table from a JSON file
 
 Implementations: ours ("pallas", "pallas_longest_first" -- the same blocks launched heaviest-first under a causal
-mask, "pallas_tpu", "blockwise", "reference"), jax.nn ("xla", "cudnn"), and jax's
-bundled Triton Pallas kernel where importable ("jax_pallas" with its default blocks, "jax_pallas_tuned" with the
-blocks GPU.md lists). One that cannot run here is recorded with the reason and the run goes on.
+mask, "pallas_tpu", "blockwise", "reference"), jax.nn ("xla", "cudnn"), and jax's bundled Triton Pallas kernel
+where importable ("jax_pallas" with its default blocks, "jax_pallas_tuned" with the blocks tuned for an H200:
+forward 128 x 64, backward 64 x 64, 4 warps, 2 stages). One that cannot run here is recorded with the reason and
+the run goes on.
 
 Masks: ``--padding=0.25`` hides the last quarter of every key sequence; ``--mask_modes=structured,dense`` times
 each mask two ways in one run -- structured (``is_causal=True`` / ``key_value_seq_lengths``) and as a boolean
@@ -36,36 +37,39 @@ import statistics
 import time
 import warnings
 
-from absl import app, flags
+from experiments import common
+from experiments import config as config_lib
+from experiments.config import setting
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """Defines the command-line flags (only when run as a script, so that importing this module never clashes
-  with another experiment's flags of the same name)."""
-  flags.DEFINE_list("implementations", ["pallas", "cudnn", "xla", "jax_pallas", "jax_pallas_tuned"],
-                    "What to benchmark.")
-  flags.DEFINE_list("seq_lens", ["4096", "16384"], "T (= S).")
-  flags.DEFINE_list("causal", ["false", "true"], "Causal settings to run.")
-  flags.DEFINE_list("padding", ["0"], "Fractions of every key sequence hidden as padding at its end.")
-  flags.DEFINE_list("mask_modes", ["structured"], "How masks are given: 'structured' (is_causal / "
-                    "key_value_seq_lengths) and/or 'dense' (boolean mask arrays).")
-  flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-  flags.DEFINE_integer("batch", 2, "B")
-  flags.DEFINE_integer("heads", 16, "N (= K)")
-  flags.DEFINE_integer("head_dim", 128, "H")
-  flags.DEFINE_string("dtype", "bfloat16", "Input dtype.")
-  flags.DEFINE_integer("repeats", 5, "Timed repeats (median).")
-  flags.DEFINE_integer("inner", 0, "Back-to-back calls per timed repeat (0: enough for ~20 ms).")
-  flags.DEFINE_string("block_sizes", "", "Override ours: 'bq,bk,bq_dkv,bk_dkv,bq_dq,bk_dq[,wf,sf,wb,sb]'.")
-  flags.DEFINE_bool("sweep", False, "Benchmark 'pallas' over SWEEP_BLOCKS instead of its default blocks.")
-  flags.DEFINE_float("budget_s", 0, "Stop starting new measurements after this many seconds (0: no limit).")
-  flags.DEFINE_string("out", "", "Write results as JSON here.")
-  flags.DEFINE_string("summarize", "", "Print the table of an existing JSON file and exit.")
+MASK_MODES = ("structured", "dense")
 
 
-# Candidate tiles for --sweep (forward tile, backward tiles, warps/stages), around the GPU.md tuned settings.
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+  implementations: tuple[str, ...] = setting(("pallas", "cudnn", "xla", "jax_pallas", "jax_pallas_tuned"),
+                                             "What to benchmark.")
+  seq_lens: tuple[int, ...] = setting((4096, 16384), "T (= S).")
+  causal: tuple[bool, ...] = setting((False, True), "Causal settings to run.")
+  padding: tuple[float, ...] = setting((0.0,), "Fractions of every key sequence hidden as padding at its end.")
+  mask_modes: tuple[str, ...] = setting(("structured",), "How masks are given: 'structured' (is_causal / "
+                                        "key_value_seq_lengths) and / or 'dense' (boolean mask arrays).",
+                                        choices=MASK_MODES)
+  modes: tuple[str, ...] = setting(("fwd", "fwd_bwd"), "Forward and / or forward + backward.",
+                                   choices=("fwd", "fwd_bwd"))
+  batch: int = setting(2, "B")
+  heads: int = setting(16, "N (= K)")
+  head_dim: int = setting(128, "H")
+  dtype: str = setting("bfloat16", "Input dtype.")
+  repeats: int = setting(5, "Timed repeats (median).")
+  inner: int = setting(0, "Back-to-back calls per timed repeat (0: enough for ~20 ms).")
+  block_sizes: str = setting("", "Override ours: 'bq,bk,bq_dkv,bk_dkv,bq_dq,bk_dq[,wf,sf,wb,sb]'.")
+  sweep: bool = setting(False, "Benchmark 'pallas' over SWEEP_BLOCKS instead of its default blocks.")
+  budget_s: float = setting(0.0, "Stop starting new measurements after this many seconds (0: no limit).")
+  out: str = setting("", "Write results as JSON here.")
+  summarize: str = setting("", "Print the table of an existing JSON file and exit.")
+
+
+# Candidate tiles for --sweep (forward tile, backward tiles, warps/stages), around the settings tuned on an H200.
 SWEEP_BLOCKS = [
     (128, 64, 64, 64, 64, 64, 4, 2, 4, 2),
     (128, 128, 64, 64, 64, 64, 8, 2, 4, 2),
@@ -83,9 +87,6 @@ MAX_INNER = 100
 def flops(B, N, T, S, H, causal: bool, mode: str) -> float:
   f = 4.0 * B * N * T * S * H * (0.5 if causal else 1.0)
   return f * (3.5 if mode == "fwd_bwd" else 1.0)
-
-
-MASK_MODES = ("structured", "dense")
 
 
 def valid_keys(S: int, padding: float) -> int:
@@ -157,6 +158,20 @@ def attention_fn(impl: str, causal: bool, blocks=None, **static):
   raise ValueError(f"unknown implementation {impl!r}")
 
 
+def record(label: str, T: int, causal: bool, mode: str, padding: float = 0.0, mask_mode: str = "structured",
+           **fields) -> dict:
+  """The identifying fields of a measurement (padding and mask mode only when they are not the plain default)."""
+  rec = dict(implementation=label, T=T, causal=causal, mode=mode, **fields)
+  if padding or mask_mode != "structured":
+    rec.update(padding=padding, mask_mode=mask_mode)
+  return rec
+
+
+def blocks_label(values) -> str:
+  """``pallas[bq,bk,...]``: how a run of the flash kernel with explicit block sizes is named."""
+  return "pallas[" + ",".join(str(int(x)) for x in values) + "]"
+
+
 def bench_one(impl, T, causal, mode, *, B, N, H, dtype, repeats, blocks=None, label=None, inner=0,
               padding: float = 0.0, mask_mode: str = "structured") -> dict:
   """One measurement record; ``inner`` calls per timed repeat (0: enough for ~MIN_REPEAT_S of device time).
@@ -166,9 +181,7 @@ def bench_one(impl, T, causal, mode, *, B, N, H, dtype, repeats, blocks=None, la
   """
   import jax
   import jax.numpy as jnp
-  rec = dict(implementation=label or impl, T=T, causal=causal, mode=mode, B=B, N=N, H=H, dtype=dtype)
-  if padding or mask_mode != "structured":
-    rec.update(padding=padding, mask_mode=mask_mode)
+  rec = record(label or impl, T, causal, mode, padding, mask_mode, B=B, N=N, H=H, dtype=dtype)
   if blocks is not None:
     rec["blocks"] = list(dataclasses.astuple(blocks))
   try:
@@ -176,31 +189,17 @@ def bench_one(impl, T, causal, mode, *, B, N, H, dtype, repeats, blocks=None, la
     fn = attention_fn(impl, causal, blocks, **static)
     keys = jax.random.split(jax.random.key(0), 4)
     q, k, v, ct = (jax.random.normal(kk, (B, T, N, H), jnp.dtype(dtype)) for kk in keys)
-    if mode == "fwd":
-      f = jax.jit(lambda q, k, v, arrays: fn(q, k, v, **arrays))
-    else:
-      f = jax.jit(jax.grad(lambda q, k, v, arrays: (fn(q, k, v, **arrays).astype(jnp.float32) * ct).sum(),
-                           argnums=(0, 1, 2)))
-    compiled = f.lower(q, k, v, arrays).compile()
-    mem = compiled.memory_analysis()
-    if mem is not None:
-      rec["memory_mb"] = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-                          - getattr(mem, "alias_size_in_bytes", 0)) / 2**20
-      rec["temp_mb"] = mem.temp_size_in_bytes / 2**20
+    compiled = common.attention_step(lambda q, k, v, arrays: fn(q, k, v, **arrays), mode, ct).lower(
+        q, k, v, arrays).compile()
+    memory_mb = common.compiled_memory_mb(compiled)
+    if memory_mb is not None:
+      rec.update(memory_mb=memory_mb, temp_mb=compiled.memory_analysis().temp_size_in_bytes / 2**20)
     jax.block_until_ready(compiled(q, k, v, arrays))                 # warm-up (and any lazy kernel compilation)
-    t0 = time.perf_counter()
-    jax.block_until_ready(compiled(q, k, v, arrays))
-    once = time.perf_counter() - t0
+    (once,) = common.time_calls(lambda: compiled(q, k, v, arrays), 1)
     # Back-to-back calls per timed repeat, so that a short kernel's time is not dominated by the host's
-    # dispatch and synchronisation latency (the calls queue on the device and run in order).
+    # dispatch and synchronisation latency.
     inner = inner or max(1, min(MAX_INNER, math.ceil(MIN_REPEAT_S / max(once, 1e-6))))
-    times = []
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      for _ in range(inner - 1):
-        compiled(q, k, v, arrays)
-      jax.block_until_ready(compiled(q, k, v, arrays))
-      times.append((time.perf_counter() - t0) / inner)
+    times = common.time_calls(lambda: compiled(q, k, v, arrays), repeats, inner)
     rec["inner"] = inner
     rec["time_ms"] = statistics.median(times) * 1e3
     rec["tflops"] = flops(B, N, T, valid_keys(T, padding), H, causal, mode) / statistics.median(times) / 1e12
@@ -230,83 +229,73 @@ def _mask_label(r: dict) -> str:
 
 
 def table(results: list[dict]) -> str:
-  lines = ["| implementation | T | mask | mode | TFLOP/s | time (ms) | memory (MB) | status |",
-           "|---|---:|---|---|---:|---:|---:|---|"]
+  rows = []
   for r in results:
-    head = f"| {r['implementation']} | {r['T']} | {_mask_label(r)} | {r['mode']} | "
+    head = [r["implementation"], r["T"], _mask_label(r), r["mode"]]
     if r["status"] == "ok":
-      lines.append(head + f"{r['tflops']:.1f} | {r['time_ms']:.2f} | {r.get('memory_mb', float('nan')):.0f} | ok |")
+      rows.append(head + [f"{r['tflops']:.1f}", f"{r['time_ms']:.2f}", f"{r.get('memory_mb', float('nan')):.0f}",
+                          "ok"])
     else:
-      lines.append(head + f"– | – | – | {r['status']} |")
-  return "\n".join(lines)
+      rows.append(head + ["–"] * 3 + [r["status"]])
+  header = ("implementation", "T", "mask", "mode", "TFLOP/s", "time (ms)", "memory (MB)", "status")
+  return common.markdown_table(header, rows, "lrllrrrl")
 
 
 def comparison_table(rows: list[dict]) -> str:
-  lines = ["| implementation | T | causal | padding | mode | structured (ms) | dense (ms) | dense / structured |",
-           "|---|---:|---|---:|---|---:|---:|---:|"]
-  for c in rows:
-    lines.append(f"| {c['implementation']} | {c['T']} | {c['causal']} | {c['padding']:g} | {c['mode']} | "
-                 f"{c['structured_ms']:.2f} | {c['dense_ms']:.2f} | {c['dense_over_structured']:.2f} |")
+  header = ("implementation", "T", "causal", "padding", "mode", "structured (ms)", "dense (ms)", "dense / structured")
+  return common.markdown_table(header, [
+      (c["implementation"], c["T"], c["causal"], f"{c['padding']:g}", c["mode"], f"{c['structured_ms']:.2f}",
+       f"{c['dense_ms']:.2f}", f"{c['dense_over_structured']:.2f}") for c in rows], "lrlrlrrr")
+
+
+def summarize(data: dict) -> str:
+  """The metadata line, the results table and the dense / structured comparison of a run's JSON data."""
+  lines = [json.dumps(data["meta"]), table(data["results"])]
+  comparison = data.get("mask_comparison") or mask_comparison(data["results"])
+  if comparison:
+    lines.append(comparison_table(comparison))
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  if FLAGS.summarize:
-    with open(FLAGS.summarize) as f:
-      data = json.load(f)
-    print(json.dumps(data["meta"]))
-    print(table(data["results"]))
-    comparison = data.get("mask_comparison") or mask_comparison(data["results"])
-    if comparison:
-      print(comparison_table(comparison))
+def main(config: BenchConfig) -> None:
+  if config.summarize:
+    print(summarize(common.read_json(config.summarize)))
     return
-  import jax
   t_start = time.time()
   runs = []   # (impl, label, blocks)
-  for impl in FLAGS.implementations:
-    if impl == "pallas" and FLAGS.sweep:
-      runs += [("pallas", "pallas[" + ",".join(map(str, b)) + "]", _blocks(b)) for b in SWEEP_BLOCKS]
-    elif impl == "pallas" and FLAGS.block_sizes:
-      runs.append(("pallas", f"pallas[{FLAGS.block_sizes}]", _blocks(FLAGS.block_sizes)))
+  for impl in config.implementations:
+    if impl == "pallas" and config.sweep:
+      runs += [("pallas", blocks_label(b), _blocks(b)) for b in SWEEP_BLOCKS]
+    elif impl == "pallas" and config.block_sizes:
+      runs.append(("pallas", f"pallas[{config.block_sizes}]", _blocks(config.block_sizes)))
     else:
       runs.append((impl, impl, None))
   results = []
   settings = []   # (causal, padding, mask_mode); a dense mode only where there is something to mask
-  for causal in (c.lower() == "true" for c in FLAGS.causal):
-    for padding in (float(x) for x in FLAGS.padding):
-      for mask_mode in FLAGS.mask_modes:
+  for causal in config.causal:
+    for padding in config.padding:
+      for mask_mode in config.mask_modes:
         if mask_mode == "structured" or causal or padding:
           settings.append((causal, padding, mask_mode))
-  for T in (int(t) for t in FLAGS.seq_lens):
+  for T in config.seq_lens:
     for causal, padding, mask_mode in settings:
-      for mode in FLAGS.modes:
+      for mode in config.modes:
         for impl, label, blocks in runs:
-          if FLAGS.budget_s and time.time() - t_start > FLAGS.budget_s:
-            rec = dict(implementation=label, T=T, causal=causal, mode=mode, status="skipped: budget")
-            if padding or mask_mode != "structured":
-              rec.update(padding=padding, mask_mode=mask_mode)
-            results.append(rec)
+          if config.budget_s and time.time() - t_start > config.budget_s:
+            results.append(dict(record(label, T, causal, mode, padding, mask_mode), status="skipped: budget"))
             continue
-          r = bench_one(impl, T, causal, mode, B=FLAGS.batch, N=FLAGS.heads, H=FLAGS.head_dim, dtype=FLAGS.dtype,
-                        repeats=FLAGS.repeats, blocks=blocks, label=label, inner=FLAGS.inner, padding=padding,
+          r = bench_one(impl, T, causal, mode, B=config.batch, N=config.heads, H=config.head_dim, dtype=config.dtype,
+                        repeats=config.repeats, blocks=blocks, label=label, inner=config.inner, padding=padding,
                         mask_mode=mask_mode)
           print(f"{label:28s} T={T:6d} {_mask_label(r):24s} {mode:8s} " +
                 (f"{r['tflops']:7.1f} TFLOP/s {r['time_ms']:9.2f} ms" if r["status"] == "ok" else r["status"]),
                 flush=True)
           results.append(r)
-  meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), jax=jax.__version__, device=str(jax.devices()[0]),
-              device_kind=jax.devices()[0].device_kind, backend=jax.default_backend())
-  print(json.dumps(meta))
-  print(table(results))
-  comparison = mask_comparison(results)
-  if comparison:
-    print(comparison_table(comparison))
-  if FLAGS.out:
-    with open(FLAGS.out, "w") as f:
-      json.dump(dict(meta=meta, results=results, mask_comparison=comparison), f, indent=1)
+  data = dict(meta=common.run_metadata(), results=results, mask_comparison=mask_comparison(results))
+  print(summarize(data))
+  if config.out:
+    common.write_json(config.out, data)
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  config_lib.run(main, BenchConfig)

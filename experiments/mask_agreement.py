@@ -11,20 +11,26 @@ a float64 NumPy oracle. On CPU the kernels run interpreted, so this checks the k
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
-from absl import app, flags
 
-FLAGS = flags.FLAGS
+from experiments import common
+from experiments import config as config_lib
+from experiments.config import setting
+
+KERNELS = ("pallas", "pallas_tpu")
 
 
-def define_flags() -> None:
-  flags.DEFINE_integer("batch", 2, "B")
-  flags.DEFINE_integer("seq_len", 200, "T = S")
-  flags.DEFINE_integer("heads", 4, "N (query heads)")
-  flags.DEFINE_integer("kv_heads", 2, "K (key/value heads)")
-  flags.DEFINE_integer("head_dim", 64, "H")
-  flags.DEFINE_float("padding", 0.25, "Fraction of the second sequence's keys that are padding.")
-  flags.DEFINE_list("kernels", ["pallas", "pallas_tpu"], "Kernels to check.")
+@dataclasses.dataclass(frozen=True)
+class MaskAgreementConfig:
+  batch: int = setting(2, "B")
+  seq_len: int = setting(200, "T = S")
+  heads: int = setting(4, "N (query heads)")
+  kv_heads: int = setting(2, "K (key/value heads)")
+  head_dim: int = setting(64, "H")
+  padding: float = setting(0.25, "Fraction of the later sequences' keys that are padding.")
+  implementations: tuple[str, ...] = setting(KERNELS, "Kernels to check.", choices=KERNELS, aliases=("kernels",))
 
 
 def oracle(q, k, v, mask) -> np.ndarray:
@@ -37,8 +43,9 @@ def oracle(q, k, v, mask) -> np.ndarray:
   return np.einsum("bnts,bsnh->btnh", w / w.sum(-1, keepdims=True), v)
 
 
-def run(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, padding: float,
-        kernels: list[str]) -> list[dict]:
+def run(config: MaskAgreementConfig) -> list[dict]:
+  """One row per kernel: largest dense - structured differences (output, gradients) and errors against the
+  float64 oracle."""
   import jax
   import jax.numpy as jnp
 
@@ -46,15 +53,15 @@ def run(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, padd
 
   fns = {"pallas": flash_gpu.flash_attention, "pallas_tpu": flash_tpu.flash_attention_tpu}
   r = np.random.default_rng(0)
-  B, T, N, K, H = batch, seq_len, heads, kv_heads, head_dim
+  B, T, N, K, H = config.batch, config.seq_len, config.heads, config.kv_heads, config.head_dim
   q64, k64, v64 = (r.standard_normal(s) for s in ((B, T, N, H), (B, T, K, H), (B, T, K, H)))
   q, k, v = (jnp.asarray(x, jnp.float32) for x in (q64, k64, v64))
-  lengths = np.array([T] + [T - int(round(T * padding))] * (B - 1))
+  lengths = np.array([T] + [T - int(round(T * config.padding))] * (B - 1))
   mask = np.tril(np.ones((T, T), bool))[None, None] & (np.arange(T)[None, :] < lengths[:, None])[:, None, None]
   want = oracle(q64, k64, v64, mask)
   weights = jnp.cos(jnp.arange(H, dtype=jnp.float32)).reshape(1, 1, 1, H)
   rows = []
-  for name in kernels:
+  for name in config.implementations:
     fn = fns[name]
     ways = {"structured": lambda q, k, v: fn(q, k, v, is_causal=True, key_value_seq_lengths=jnp.asarray(lengths)),
             "dense": lambda q, k, v: fn(q, k, v, mask=jnp.asarray(mask))}
@@ -71,16 +78,12 @@ def run(batch: int, seq_len: int, heads: int, kv_heads: int, head_dim: int, padd
   return rows
 
 
-def main(argv) -> None:
-  del argv
-  rows = run(FLAGS.batch, FLAGS.seq_len, FLAGS.heads, FLAGS.kv_heads, FLAGS.head_dim, FLAGS.padding, FLAGS.kernels)
-  print("| kernel | max |dense - structured| out | grads | max |dense - oracle| | max |structured - oracle| |")
-  print("|---|---:|---:|---:|---:|")
-  for r in rows:
-    print(f"| {r['kernel']} | {r['out_diff']:.1e} | {r['grad_diff']:.1e} | {r['dense_oracle']:.1e} | "
-          f"{r['structured_oracle']:.1e} |")
+def main(config: MaskAgreementConfig) -> None:
+  rows = [(r["kernel"], f"{r['out_diff']:.1e}", f"{r['grad_diff']:.1e}", f"{r['dense_oracle']:.1e}",
+           f"{r['structured_oracle']:.1e}") for r in run(config)]
+  print(common.markdown_table(("kernel", "max |dense - structured| out", "grads", "max |dense - oracle|",
+                               "max |structured - oracle|"), rows, "lrrrr"))
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  config_lib.run(main, MaskAgreementConfig)

@@ -41,7 +41,7 @@ class SelfAttention(nnx.Module):
     k, v = jnp.split(self.kv(x_BTD).reshape(B, T, 2 * self.num_kv_heads, self.head_dim), 2, axis=2)
     weights = None
     if return_attention:
-      if variants.parse(self.attention)[0] not in ("softmax", "reference", "xla", "blockwise", "pallas", "cudnn"):
+      if variants.parse(self.attention)[0] not in variants.SOFTMAX_KINDS:
         raise ValueError(f"attention={self.attention!r} forms no softmax weights to return")
       o, weights = aj.reference_attention(q, k, v, is_causal=self.causal, return_weights=True)
     else:

@@ -13,6 +13,7 @@ Writes the JSON list, a markdown table next to it (.md) and a log-log plot (.png
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import resource
@@ -20,43 +21,30 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 
-from absl import app, flags
-
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """Defines the command-line flags (only when run as a script, so that importing this module never clashes
-  with another experiment's flags of the same name)."""
-  flags.DEFINE_list("variants", ["xla", "blockwise"], "Attention variants to measure (see VARIANTS).")
-  flags.DEFINE_list("seq_lens", ["1024", "2048", "4096", "8192", "16384"], "Sequence lengths T (= S).")
-  flags.DEFINE_list("modes", ["fwd", "fwd_bwd"], "fwd and/or fwd_bwd.")
-  flags.DEFINE_integer("batch", 1, "B")
-  flags.DEFINE_list("devices", ["1"], "Virtual CPU device counts to run each measurement with (ring attention).")
-  flags.DEFINE_integer("heads", 1, "N (= K)")
-  flags.DEFINE_integer("head_dim", 64, "H")
-  flags.DEFINE_string("dtype", "float32", "Input dtype.")
-  flags.DEFINE_bool("causal", False, "Causal attention.")
-  flags.DEFINE_integer("repeats", 3, "Timed runs per measurement (median reported).")
-  flags.DEFINE_float("max_dense_gb", 20.0, "Skip dense (T x S materialising) variants estimated above this.")
-  flags.DEFINE_integer("timeout_s", 1800, "Per-measurement subprocess timeout.")
-  flags.DEFINE_string("baseline", None, "Variant the relative (LRA Table 2 layout) table divides by; default: "
-                      "the first of --variants.")
-  flags.DEFINE_string("out", "", "JSON output path (.md table and .png plot are written beside it).")
-  flags.DEFINE_string("child", "", "Internal: run one measurement given as JSON and print the result.")
+from experiments import common
+from experiments import config as config_lib
+from experiments.config import setting
 
 
-def _attention_fn(variant: str, causal: bool) -> Callable:
-  from experiments import variants
-  fn = variants.make_attention(variant)
-  return lambda q, k, v: fn(q, k, v, is_causal=causal)
-
-
-def _is_dense(variant: str) -> bool:
-  from experiments import variants
-  return variants.parse(variant)[0] in variants.DENSE_KINDS
+@dataclasses.dataclass(frozen=True)
+class ScalingConfig:
+  variants: tuple[str, ...] = setting(("xla", "blockwise"), "Attention variants (experiments/variants.py specs).")
+  seq_lens: tuple[int, ...] = setting((1024, 2048, 4096, 8192, 16384), "Sequence lengths T (= S).")
+  modes: tuple[str, ...] = setting(("fwd", "fwd_bwd"), "Forward and / or forward + backward.",
+                                   choices=("fwd", "fwd_bwd"))
+  batch: int = setting(1, "B")
+  devices: tuple[int, ...] = setting((1,), "Virtual CPU device counts to run each measurement with (ring).")
+  heads: int = setting(1, "N (= K)")
+  head_dim: int = setting(64, "H")
+  dtype: str = setting("float32", "Input dtype.")
+  causal: bool = setting(False, "Causal attention.")
+  repeats: int = setting(3, "Timed runs per measurement (median reported).")
+  max_dense_gb: float = setting(20.0, "Skip dense (T x S materialising) variants estimated above this.")
+  timeout_s: int = setting(1800, "Per-measurement subprocess timeout.")
+  baseline: str | None = setting(None, "Variant the relative (LRA Table 2 layout) table divides by; default: the "
+                                       "first of --variants.")
+  out: str = setting("", "JSON output path (.md table and .png plot are written beside it).")
 
 
 def dense_bytes_estimate(cfg: dict) -> float:
@@ -66,51 +54,52 @@ def dense_bytes_estimate(cfg: dict) -> float:
 
 
 def measure_in_process(cfg: dict) -> dict:
-  """One measurement in this process (used by the child)."""
+  """One measurement in this process (the subprocess :func:`measure` starts runs it)."""
   if cfg.get("devices", 1) > 1:   # virtual CPU devices must be requested before jax initialises
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                f" --xla_force_host_platform_device_count={cfg['devices']}")
   import jax
   import jax.numpy as jnp
   import numpy as np
+
+  from experiments import variants
   B, T, N, H = cfg["batch"], cfg["seq_len"], cfg["heads"], cfg["head_dim"]
   dtype = jnp.dtype(cfg["dtype"])
   r = np.random.default_rng(0)
   q, k, v = (jnp.asarray(r.standard_normal((B, T, N, H)), dtype) for _ in range(3))
   ct = jnp.asarray(r.standard_normal((B, T, N, H)), dtype)
-  fn = _attention_fn(cfg["variant"], cfg["causal"])
-  if cfg["mode"] == "fwd":
-    run = jax.jit(fn)
-  else:
-    run = jax.jit(jax.grad(lambda q, k, v: (fn(q, k, v).astype(jnp.float32) * ct).sum(), argnums=(0, 1, 2)))
+  attention = variants.make_attention(cfg["variant"])
+  run = common.attention_step(lambda q, k, v: attention(q, k, v, is_causal=cfg["causal"]), cfg["mode"], ct)
   jax.block_until_ready((q, k, v, ct))
   compiled_mb = None
   try:
-    mem = run.lower(q, k, v).compile().memory_analysis()
-    compiled_mb = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes) / 2**20
+    compiled_mb = common.compiled_memory_mb(run.lower(q, k, v).compile())
   except Exception:  # noqa: BLE001 -- not every backend reports it
     pass
   rss_before_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
   t0 = time.perf_counter()
   jax.block_until_ready(run(q, k, v))
   first_s = time.perf_counter() - t0
-  times = []
-  for _ in range(cfg["repeats"]):
-    t0 = time.perf_counter()
-    jax.block_until_ready(run(q, k, v))
-    times.append(time.perf_counter() - t0)
+  times = common.time_calls(lambda: run(q, k, v), cfg["repeats"])
   return dict(cfg, status="ok", time_s=statistics.median(times), times_s=times, compile_and_first_s=first_s,
               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               rss_before_attention_mb=rss_before_mb, compiled_memory_mb=compiled_mb,
               device=str(jax.devices()[0]), num_devices=len(jax.devices()), jax=jax.__version__)
 
 
+def child(cfg_json: str) -> None:
+  """The measurement subprocess: prints :func:`measure_in_process`'s record as one JSON line."""
+  print(json.dumps(measure_in_process(json.loads(cfg_json))), flush=True)
+
+
 def measure(cfg: dict, timeout_s: int = 1800, max_dense_gb: float = 20.0) -> dict:
   """Runs one measurement in a fresh subprocess; failures and skips come back as a status."""
-  if _is_dense(cfg["variant"]) and dense_bytes_estimate(cfg) > max_dense_gb * 2**30:
+  from experiments import variants
+  if variants.parse(cfg["variant"])[0] in variants.DENSE_KINDS and dense_bytes_estimate(cfg) > max_dense_gb * 2**30:
     return dict(cfg, status=f"skipped: dense logits need ~{dense_bytes_estimate(cfg) / 2**30:.0f} GB "
                             f"(> --max_dense_gb={max_dense_gb:g})")
-  cmd = [sys.executable, "-m", "experiments.scaling", f"--child={json.dumps(cfg)}"]
+  cmd = [sys.executable, "-c", "import sys; from experiments import scaling; scaling.child(sys.argv[1])",
+         json.dumps(cfg)]
   try:
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
                           cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -124,18 +113,18 @@ def measure(cfg: dict, timeout_s: int = 1800, max_dense_gb: float = 20.0) -> dic
 
 
 def markdown_table(results: list[dict]) -> str:
-  rows = ["| variant | mode | T | devices | time (s) | peak RSS (MB) | RSS before attention (MB) | "
-          "XLA compiled memory (MB) | status |",
-          "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+  rows = []
   for r in results:
-    ok = r["status"] == "ok"
-    dev = r.get("devices", 1)
-    cm = r.get("compiled_memory_mb")
-    cm = "–" if cm is None else f"{cm:.1f}"
-    rows.append(f"| {r['variant']} | {r['mode']} | {r['seq_len']} | {dev} | {r['time_s']:.3f} | "
-                f"{r['peak_rss_mb']:.0f} | {r['rss_before_attention_mb']:.0f} | {cm} | ok |" if ok else
-                f"| {r['variant']} | {r['mode']} | {r['seq_len']} | {dev} | – | – | – | – | {r['status']} |")
-  return "\n".join(rows)
+    head = [r["variant"], r["mode"], r["seq_len"], r.get("devices", 1)]
+    if r["status"] == "ok":
+      cm = r.get("compiled_memory_mb")
+      rows.append(head + [f"{r['time_s']:.3f}", f"{r['peak_rss_mb']:.0f}", f"{r['rss_before_attention_mb']:.0f}",
+                          "–" if cm is None else f"{cm:.1f}", "ok"])
+    else:
+      rows.append(head + ["–"] * 4 + [r["status"]])
+  header = ("variant", "mode", "T", "devices", "time (s)", "peak RSS (MB)", "RSS before attention (MB)",
+            "XLA compiled memory (MB)", "status")
+  return common.markdown_table(header, rows, "llrrrrrrl")
 
 
 def _ratio(x: float) -> str:
@@ -157,8 +146,7 @@ def relative_table(results: list[dict], baseline: str | None = None) -> str:
     lens = sorted({r["seq_len"] for r in results if r["mode"] == mode})
     get = {(r["variant"], r["seq_len"], r.get("devices", 1)): r for r in results
            if r["mode"] == mode and r["status"] == "ok"}
-    rows += [f"**{mode}** — speed× / memory× relative to `{baseline}` (absolute s / MB where it did not run)", "",
-             "| variant | " + " | ".join(f"T={t}" for t in lens) + " |", "|---|" + "---:|" * len(lens)]
+    table = []
     for variant, dev in dict.fromkeys((r["variant"], r.get("devices", 1)) for r in results if r["mode"] == mode):
       cells = []
       for t in lens:
@@ -170,76 +158,55 @@ def relative_table(results: list[dict], baseline: str | None = None) -> str:
         else:
           mem_ratio = r['compiled_memory_mb'] / b['compiled_memory_mb']
           cells.append(f"{_ratio(b['time_s'] / r['time_s'])} / {_ratio(mem_ratio)}")
-      name = variant if dev == 1 else f"{variant} ({dev} devices)"
-      rows.append(f"| {name} | " + " | ".join(cells) + " |")
-    rows.append("")
+      table.append([variant if dev == 1 else f"{variant} ({dev} devices)", *cells])
+    rows += [f"**{mode}** — speed× / memory× relative to `{baseline}` (absolute s / MB where it did not run)", "",
+             common.markdown_table(["variant", *(f"T={t}" for t in lens)], table, "l" + "r" * len(lens)), ""]
   return "\n".join(rows)
 
 
 def plot(results: list[dict], path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-  keys = sorted({(r["variant"], r["mode"]) for r in results})
-  for variant, mode in keys:
+  """Time and peak RSS against T, log-log, one line per (variant, mode)."""
+  time_s, rss_mb = {}, {}
+  for variant, mode in sorted({(r["variant"], r["mode"]) for r in results}):
     pts = [r for r in results if (r["variant"], r["mode"]) == (variant, mode) and r["status"] == "ok"]
-    if not pts:
-      continue
-    T = [r["seq_len"] for r in pts]
-    axes[0].loglog(T, [r["time_s"] for r in pts], "o-", label=f"{variant} {mode}")
-    axes[1].loglog(T, [r["peak_rss_mb"] for r in pts], "o-", label=f"{variant} {mode}")
-  axes[0].set(xlabel="sequence length T", ylabel="time (s)", title="time")
-  axes[1].set(xlabel="sequence length T", ylabel="peak RSS (MB)", title="peak memory (whole process)")
-  for ax in axes:
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-  fig.tight_layout()
+    if pts:
+      T = [r["seq_len"] for r in pts]
+      time_s[f"{variant} {mode}"] = (T, [r["time_s"] for r in pts])
+      rss_mb[f"{variant} {mode}"] = (T, [r["peak_rss_mb"] for r in pts])
+  fig, (ax_time, ax_mem) = common.new_figure((11, 4), ncols=2)
+  common.line_plot(ax_time, time_s, xlabel="sequence length T", ylabel="time (s)", title="time", logy=True)
+  common.line_plot(ax_mem, rss_mb, xlabel="sequence length T", ylabel="peak RSS (MB)",
+                   title="peak memory (whole process)", logy=True)
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
-def run_all(variants, seq_lens, modes, *, batch=1, heads=1, head_dim=64, dtype="float32", causal=False,
-            repeats=3, timeout_s=1800, max_dense_gb=20.0, devices=(1,), log=print) -> list[dict]:
+def run_all(config: ScalingConfig, log=print) -> list[dict]:
+  """Every (mode, length, variant, device count) of ``config``, each measured in its own subprocess."""
   results = []
-  for mode in modes:
-    for T in seq_lens:
-      for variant in variants:
-        for n_dev in devices:
-          cfg = dict(variant=variant, mode=mode, seq_len=int(T), batch=batch, heads=heads, head_dim=head_dim,
-                     dtype=dtype, causal=causal, repeats=repeats, devices=int(n_dev))
-          res = measure(cfg, timeout_s, max_dense_gb)
+  for mode in config.modes:
+    for T in config.seq_lens:
+      for variant in config.variants:
+        for n_dev in config.devices:
+          cfg = dict(variant=variant, mode=mode, seq_len=T, batch=config.batch, heads=config.heads,
+                     head_dim=config.head_dim, dtype=config.dtype, causal=config.causal, repeats=config.repeats,
+                     devices=n_dev)
+          res = measure(cfg, config.timeout_s, config.max_dense_gb)
           log(f"{variant:10s} {mode:8s} T={T:>6} dev={n_dev}: " +
               (f"{res['time_s']:.3f}s peak {res['peak_rss_mb']:.0f} MB" if res["status"] == "ok" else res["status"]))
           results.append(res)
   return results
 
 
-def main(argv):
-  del argv
-  if FLAGS.child:
-    print(json.dumps(measure_in_process(json.loads(FLAGS.child))), flush=True)
-    return
-  import platform
-  results = run_all(FLAGS.variants, [int(t) for t in FLAGS.seq_lens], FLAGS.modes, batch=FLAGS.batch,
-                    heads=FLAGS.heads, head_dim=FLAGS.head_dim, dtype=FLAGS.dtype, causal=FLAGS.causal,
-                    repeats=FLAGS.repeats, timeout_s=FLAGS.timeout_s, max_dense_gb=FLAGS.max_dense_gb,
-                    devices=[int(d) for d in FLAGS.devices])
-  table = markdown_table(results) + "\n\n" + relative_table(results, FLAGS.baseline)
+def main(config: ScalingConfig) -> None:
+  results = run_all(config)
+  table = markdown_table(results) + "\n\n" + relative_table(results, config.baseline)
   print(table)
-  if FLAGS.out:
-    import jax
-    meta = dict(argv=sys.argv, date=time.strftime("%Y-%m-%d %H:%M"), machine=platform.platform(),
-                processor=platform.processor(), cpu_count=os.cpu_count(), python=platform.python_version(),
-                jax=jax.__version__)
-    with open(FLAGS.out, "w") as f:
-      json.dump(dict(meta=meta, results=results), f, indent=1)
-    base = os.path.splitext(FLAGS.out)[0]
-    with open(base + ".md", "w") as f:
-      f.write(table + "\n")
+  if config.out:
+    common.write_json(config.out, dict(meta=common.run_metadata(), results=results))
+    base = os.path.splitext(config.out)[0]
+    common.write_text(base + ".md", table + "\n")
     plot(results, base + ".png")
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  config_lib.run(main, ScalingConfig)

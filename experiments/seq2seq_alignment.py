@@ -28,6 +28,9 @@ attention weight sits on the anti-diagonal source position.
   python -m experiments.seq2seq_alignment --workdir=/tmp/seq2seq                  # default: a few minutes
   python -m experiments.seq2seq_alignment --preset=full --workdir=docs/seq2seq    # the committed results
 
+Settings: :class:`Config` and its ``PRESETS`` (experiments/config.py); every field is a flag, and ``--workdir``
+(default ``WORKDIR``) says where the outputs go.
+
 Writes ``config.json``, ``train_log.jsonl``, ``results.json`` (one row per attention/seed/length),
 ``results.md`` (tables), ``accuracy_vs_length.png``, ``alignment_<attention>.png`` and ``alignments.png``.
 """
@@ -45,43 +48,46 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import app, flags
 from flax import nnx
 
 import attention_jax as aj
+from experiments import common
+from experiments import config as config_lib
+from experiments.config import setting
 
 PAD, BOS, EOS = 0, 1, 2
 NUM_SPECIAL = 3
 ATTENTIONS = ("none", "bahdanau", "luong_dot", "luong_general", "luong_concat")
 CELLS = {"gru": nnx.GRUCell, "lstm": nnx.LSTMCell}
+WORKDIR = "/tmp/seq2seq_alignment"   # --workdir's default
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-  attentions: tuple[str, ...] = ATTENTIONS
-  cell: str = "gru"
-  num_symbols: int = 16          # vocabulary of the sequences (plus PAD, BOS, EOS)
-  min_len: int = 4
-  max_len: int = 24
-  embed_dim: int = 32
-  hidden: int = 64               # decoder units; the encoder has hidden / 2 per direction
-  attn_dim: int = 64             # additive / concat score width
-  batch_size: int = 64
-  num_steps: int = 1000
-  learning_rate: float = 3e-3
-  grad_clip: float = 1.0
-  seeds: tuple[int, ...] = (0,)
-  eval_lengths: tuple[int, ...] | None = None    # default: every length in [min_len, max_len]
-  eval_examples: int = 256       # fresh sequences per evaluated length
-  heatmap_length: int = 12
-  log_every: int = 250
+  attentions: tuple[str, ...] = setting(ATTENTIONS, "Attention kinds to train.", choices=ATTENTIONS)
+  cell: str = setting("gru", "Recurrent cell.", choices=tuple(CELLS))
+  num_symbols: int = setting(16, "Vocabulary of the sequences (plus PAD, BOS, EOS).")
+  min_len: int = setting(4, "Shortest training sequence.")
+  max_len: int = setting(24, "Longest training sequence.")
+  embed_dim: int = setting(32, "Token embedding width.")
+  hidden: int = setting(64, "Decoder units (encoder: hidden / 2 per direction).")
+  attn_dim: int = setting(64, "Additive / concat score width.")
+  batch_size: int = setting(64, "Batch size.")
+  steps: int = setting(1000, "Training steps per model.", aliases=("num_steps",))
+  lr: float = setting(3e-3, "Adam learning rate.", aliases=("learning_rate",))
+  grad_clip: float = setting(1.0, "Global gradient-norm clip.")
+  seeds: tuple[int, ...] = setting((0,), "Seeds (parameter init and data).")
+  eval_lengths: tuple[int, ...] | None = setting(None, "Lengths to evaluate (default: min_len..max_len).")
+  eval_examples: int = setting(256, "Fresh sequences per evaluated length.")
+  heatmap_length: int = setting(12, "Source length of the alignment heatmaps.")
+  log_every: int = setting(250, "Steps between loss log lines.")
 
 
 PRESETS = {
     "smoke": dict(attentions=("none", "bahdanau"), num_symbols=8, min_len=2, max_len=6, embed_dim=8, hidden=16,
-                  attn_dim=16, batch_size=16, num_steps=30, eval_examples=16, heatmap_length=5, log_every=10),
+                  attn_dim=16, batch_size=16, steps=30, eval_examples=16, heatmap_length=5, log_every=10),
     "default": {},
-    "full": dict(max_len=30, num_steps=1500, seeds=(0, 1), eval_examples=512, heatmap_length=16, log_every=500),
+    "full": dict(max_len=30, steps=1500, seeds=(0, 1), eval_examples=512, heatmap_length=16, log_every=500),
 }
 
 
@@ -265,7 +271,7 @@ def make_model(config: Config, attention: str, seed: int) -> Seq2Seq:
 
 
 def make_optimizer(config: Config) -> optax.GradientTransformation:
-  return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.learning_rate))
+  return optax.chain(optax.clip_by_global_norm(config.grad_clip), optax.adam(config.lr))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "config", "width"))
@@ -291,14 +297,14 @@ def train(config: Config, attention: str, seed: int, log=None) -> tuple[Seq2Seq,
   opt_state = make_optimizer(config).init(params)
   key = jax.random.key(10_000 + seed)
   history, t0, window_loss = [], time.perf_counter(), []
-  for step in range(1, config.num_steps + 1):
+  for step in range(1, config.steps + 1):
     params, opt_state, loss = train_step(params, opt_state, jax.random.fold_in(key, step), graphdef=graphdef,
                                          config=config, width=width)
     window_loss.append(loss)
-    if step % config.log_every == 0 or step == config.num_steps:
+    if step % config.log_every == 0 or step == config.steps:
       elapsed = time.perf_counter() - t0
       row = dict(attention=attention, seed=seed, step=step, loss=float(np.mean(jax.device_get(window_loss))),
-                 steps_per_s=step / elapsed, eta_s=(config.num_steps - step) * elapsed / step)
+                 steps_per_s=step / elapsed, eta_s=(config.steps - step) * elapsed / step)
       history.append(row)
       window_loss = []
       if log:
@@ -388,9 +394,8 @@ def markdown_tables(rows: list[dict]) -> str:
   kinds = list(summary)
   lengths = sorted({r["length"] for r in rows})
   seeds = sorted({r["seed"] for r in rows})
-  lines = [f"Greedy-decoding sequence accuracy (all symbols and `<eos>` right), % — mean over seeds {seeds} "
-           "(min–max across seeds in brackets when more than one); token accuracy after the slash.", "",
-           "| length | " + " | ".join(kinds) + " |", "|---:|" + "---:|" * len(kinds)]
+  intro = (f"Greedy-decoding sequence accuracy (all symbols and `<eos>` right), % — mean over seeds {seeds} "
+           "(min–max across seeds in brackets when more than one); token accuracy after the slash.")
   def cell(entry, metric):
     if metric not in entry:
       return "–"
@@ -398,29 +403,23 @@ def markdown_tables(rows: list[dict]) -> str:
     if len(seeds) > 1:
       s += f" [{100 * entry[metric + '_min']:.1f}–{100 * entry[metric + '_max']:.1f}]"
     return s
-  for length in lengths:
-    cells = [f"{cell(summary[k][length], 'seq_acc')} / {100 * summary[k][length]['token_acc']:.1f}" for k in kinds]
-    lines.append(f"| {length} | " + " | ".join(cells) + " |")
-  means = [f"{100 * np.mean([summary[k][l]['seq_acc'] for l in lengths]):.1f}" for k in kinds]
-  lines.append("| **mean** | " + " | ".join(means) + " |")
+  rows = [[length, *(f"{cell(summary[k][length], 'seq_acc')} / {100 * summary[k][length]['token_acc']:.1f}"
+                      for k in kinds)] for length in lengths]
+  rows.append(["**mean**", *(f"{100 * np.mean([summary[k][l]['seq_acc'] for l in lengths]):.1f}" for k in kinds)])
+  lines = [intro, "", common.markdown_table(["length", *kinds], rows, "r" * (len(kinds) + 1))]
   attn_kinds = [k for k in kinds if any("align_acc" in e for e in summary[k].values())]
   if attn_kinds:
+    rows = [[length, *(cell(summary[k][length], "align_acc") for k in attn_kinds)] for length in lengths]
     lines += ["", "Alignment accuracy: % of output symbols whose largest attention weight is on the anti-diagonal "
-              "source position L−1−t.", "", "| length | " + " | ".join(attn_kinds) + " |",
-              "|---:|" + "---:|" * len(attn_kinds)]
-    for length in lengths:
-      lines.append(f"| {length} | " + " | ".join(cell(summary[k][length], "align_acc") for k in attn_kinds) + " |")
+              "source position L−1−t.", "", common.markdown_table(["length", *attn_kinds], rows,
+                                                                  "r" * (len(attn_kinds) + 1))]
   return "\n".join(lines) + "\n"
 
 
 def plot_accuracy(rows: list[dict], path: str, config: Config) -> None:
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
   from matplotlib.ticker import MaxNLocator
   summary = summarize(rows)
-  fig = Figure(figsize=(6.5, 4), layout="constrained")
-  FigureCanvasAgg(fig)
-  ax = fig.add_subplot()
+  fig, (ax,) = common.new_figure((6.5, 4))
   for attention, per_length in summary.items():
     lengths = sorted(per_length)
     mean = [100 * per_length[l]["seq_acc"] for l in lengths]
@@ -432,7 +431,7 @@ def plot_accuracy(rows: list[dict], path: str, config: Config) -> None:
   ax.set_xlabel("source length L")
   ax.set_ylabel("sequence accuracy (%)")
   ax.set_ylim(-2, 102)
-  ax.set_title(f"Reversal, {config.cell.upper()} {config.hidden} units, {config.num_steps} steps, "
+  ax.set_title(f"Reversal, {config.cell.upper()} {config.hidden} units, {config.steps} steps, "
                f"seeds {list(config.seeds)}", fontsize=10)
   ax.legend(fontsize=8)
   fig.savefig(path, dpi=120)
@@ -440,8 +439,6 @@ def plot_accuracy(rows: list[dict], path: str, config: Config) -> None:
 
 def plot_alignments(examples: dict[str, tuple], workdir: str) -> None:
   """One PNG per attention kind, and all kinds side by side in ``alignments.png``."""
-  from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.figure import Figure
   kinds = [k for k, (_, _, w) in examples.items() if w is not None]
   for kind in kinds:
     src, out, weights = examples[kind]
@@ -449,9 +446,7 @@ def plot_alignments(examples: dict[str, tuple], workdir: str) -> None:
                           save=os.path.join(workdir, f"alignment_{kind}.png"))
   if kinds:
     L = len(examples[kinds[0]][0])
-    fig = Figure(figsize=(3.2 * len(kinds), 3.4), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, len(kinds), squeeze=False)[0]
+    fig, axes = common.new_figure((3.2 * len(kinds), 3.4), ncols=len(kinds))
     for ax, kind in zip(axes, kinds):
       src, out, weights = examples[kind]
       aj.viz.plot_attention(weights, src, out, ax=ax, title=kind, colorbar=False)
@@ -466,25 +461,24 @@ def plot_alignments(examples: dict[str, tuple], workdir: str) -> None:
 
 def write_tables(workdir: str) -> str:
   """(Re)writes ``results.md`` from ``results.json``; returns the tables."""
-  with open(os.path.join(workdir, "results.json")) as f:
-    tables = markdown_tables(json.load(f)["rows"])
-  with open(os.path.join(workdir, "results.md"), "w") as f:
-    f.write(tables)
+  tables = markdown_tables(common.read_json(os.path.join(workdir, "results.json"))["rows"])
+  common.write_text(os.path.join(workdir, "results.md"), tables)
   return tables
 
 
-def train_and_evaluate(config: Config, workdir: str, verbose: bool = True) -> list[dict]:
-  """Trains every attention kind with every seed, evaluates per length, writes the reports; returns the rows."""
+def train_and_evaluate(config: Config, workdir: str | os.PathLike, verbose: bool = True) -> list[dict]:
+  """Trains every attention kind with every seed, evaluates per length, writes the reports into ``workdir``;
+  returns the rows."""
+  workdir = os.fspath(workdir)
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as f:
-    json.dump(dataclasses.asdict(config), f, indent=2)
+  common.write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config), indent=2)
   log_path = os.path.join(workdir, "train_log.jsonl")
-  open(log_path, "w").close()
+  common.write_text(log_path, "")
   def log(row):
     with open(log_path, "a") as f:
       f.write(json.dumps(row) + "\n")
     if verbose:
-      print(f"[{row['attention']} seed {row['seed']}] step {row['step']}/{config.num_steps} loss {row['loss']:.4f} "
+      print(f"[{row['attention']} seed {row['seed']}] step {row['step']}/{config.steps} loss {row['loss']:.4f} "
             f"{row['steps_per_s']:.1f} steps/s, ETA {row['eta_s']:.0f}s", flush=True)
   rows, examples, t_start = [], {}, time.perf_counter()
   for attention in config.attentions:
@@ -500,9 +494,8 @@ def train_and_evaluate(config: Config, workdir: str, verbose: bool = True) -> li
         print(f"[{attention} seed {seed}] mean sequence accuracy {100 * acc:.1f}% "
               f"({time.perf_counter() - t0:.0f}s)", flush=True)
   wall_s = time.perf_counter() - t_start
-  with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"config": dataclasses.asdict(config), "wall_s": wall_s, "jax": jax.__version__,
-               "device": str(jax.devices()[0]), "rows": rows}, f, indent=1)
+  common.write_json(os.path.join(workdir, "results.json"),
+                    dict(config=dataclasses.asdict(config), wall_s=wall_s, **common.run_metadata(), rows=rows))
   tables = write_tables(workdir)
   plot_accuracy(rows, os.path.join(workdir, "accuracy_vs_length.png"), config)
   plot_alignments(examples, workdir)
@@ -512,45 +505,5 @@ def train_and_evaluate(config: Config, workdir: str, verbose: bool = True) -> li
   return rows
 
 
-FLAGS = flags.FLAGS
-
-
-def define_flags() -> None:
-  """Defines the command-line flags (only when run as a script, so importing never clashes with other
-  experiments' flags of the same name)."""
-  flags.DEFINE_string("workdir", "/tmp/seq2seq_alignment", "Output directory.")
-  flags.DEFINE_enum("preset", "default", list(PRESETS), "Base configuration; the flags below override it.")
-  flags.DEFINE_list("attentions", None, f"Attention kinds, from {ATTENTIONS}.")
-  flags.DEFINE_enum("cell", None, list(CELLS), "Recurrent cell.")
-  flags.DEFINE_list("seeds", None, "Seeds (parameter init and data).")
-  flags.DEFINE_integer("num_steps", None, "Training steps per model.")
-  flags.DEFINE_integer("min_len", None, "Shortest training sequence.")
-  flags.DEFINE_integer("max_len", None, "Longest training sequence.")
-  flags.DEFINE_list("eval_lengths", None, "Lengths to evaluate (default: min_len..max_len).")
-  flags.DEFINE_integer("hidden", None, "Decoder units (encoder: hidden / 2 per direction).")
-  flags.DEFINE_integer("batch_size", None, "Batch size.")
-  flags.DEFINE_float("learning_rate", None, "Adam learning rate.")
-
-
-def config_from_flags() -> Config:
-  overrides = dict(PRESETS[FLAGS.preset])
-  for name in ("cell", "num_steps", "min_len", "max_len", "hidden", "batch_size", "learning_rate"):
-    if getattr(FLAGS, name) is not None:
-      overrides[name] = getattr(FLAGS, name)
-  if FLAGS.attentions:
-    overrides["attentions"] = tuple(FLAGS.attentions)
-  if FLAGS.seeds:
-    overrides["seeds"] = tuple(int(s) for s in FLAGS.seeds)
-  if FLAGS.eval_lengths:
-    overrides["eval_lengths"] = tuple(int(l) for l in FLAGS.eval_lengths)
-  return Config(**overrides)
-
-
-def main(argv):
-  del argv
-  train_and_evaluate(config_from_flags(), FLAGS.workdir)
-
-
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  config_lib.run(train_and_evaluate, Config, PRESETS, workdir=WORKDIR)

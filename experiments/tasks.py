@@ -34,6 +34,12 @@ def _random_subsets(rng: np.random.Generator, batch: int, population: int, size:
   return np.argsort(rng.random((batch, population)), axis=1)[:, :size]
 
 
+def _require(task, ok: bool, needs: str) -> None:
+  """ValueError naming the task, what it needs and its settings, unless ``ok``."""
+  if not ok:
+    raise ValueError(f"{type(task).__name__} needs {needs}; got {task}")
+
+
 def _weighted_subsets(rng: np.random.Generator, batch: int, probs: np.ndarray, size: int) -> np.ndarray:
   """Sampling without replacement with probabilities ``probs`` (Gumbel top-k == sequential draws)."""
   keys = np.log(probs)[None, :] + rng.gumbel(size=(batch, probs.shape[0]))
@@ -42,7 +48,7 @@ def _weighted_subsets(rng: np.random.Generator, batch: int, probs: np.ndarray, s
 
 @dataclasses.dataclass(frozen=True)
 class MQAR:
-  """Multi-query associative recall, following Zoology's generator (see ../shared/REFERENCES.md).
+  """Multi-query associative recall, following the generator of Zoology (Arora et al. 2023, arXiv:2312.04927).
 
   Keys come from ``[1, V/2)``, values from ``[V/2, V)``; an example starts with ``num_kv_pairs`` pairs
   ``k1 v1 k2 v2 ...``; each key is queried once later, at gaps drawn without replacement from a power law
@@ -57,10 +63,9 @@ class MQAR:
   num_classes = None
 
   def __post_init__(self):
-    if self.seq_len % 2 or 4 * self.num_kv_pairs > self.seq_len or self.vocab_size <= self.seq_len:
-      raise ValueError(f"MQAR needs an even seq_len >= 4 * num_kv_pairs and vocab_size > seq_len; got {self}")
-    if self.vocab_size // 2 - 1 < self.num_kv_pairs:
-      raise ValueError(f"MQAR: vocab_size={self.vocab_size} has too few keys for {self.num_kv_pairs} pairs")
+    _require(self, self.seq_len % 2 == 0 and 4 * self.num_kv_pairs <= self.seq_len < self.vocab_size,
+             "an even seq_len >= 4 * num_kv_pairs and vocab_size > seq_len")
+    _require(self, self.vocab_size // 2 - 1 >= self.num_kv_pairs, "vocab_size // 2 - 1 >= num_kv_pairs (keys)")
 
   def batch(self, seed: int, step: int, batch_size: int, split: str = "train") -> dict[str, np.ndarray]:
     rng = _rng(seed, step, split)
@@ -98,8 +103,8 @@ class SelectiveCopy:
   num_classes = None
 
   def __post_init__(self):
-    if self.num_data > self.context_len or self.vocab_size < 3:
-      raise ValueError(f"SelectiveCopy needs num_data <= context_len and vocab_size >= 3; got {self}")
+    _require(self, self.num_data <= self.context_len and self.vocab_size >= 3,
+             "num_data <= context_len and vocab_size >= 3")
 
   @property
   def seq_len(self) -> int:
@@ -127,8 +132,7 @@ class InductionHeads:
   num_classes = None
 
   def __post_init__(self):
-    if self.seq_len < 4 or self.vocab_size < 3:
-      raise ValueError(f"InductionHeads needs seq_len >= 4 and vocab_size >= 3; got {self}")
+    _require(self, self.seq_len >= 4 and self.vocab_size >= 3, "seq_len >= 4 and vocab_size >= 3")
 
   def batch(self, seed: int, step: int, batch_size: int, split: str = "train") -> dict[str, np.ndarray]:
     rng = _rng(seed, step, split)

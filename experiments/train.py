@@ -20,12 +20,14 @@ import optax
 from absl import logging
 from flax import nnx
 
+from experiments import common
 from experiments import tasks as tasks_lib
 from experiments.models import TransformerLM
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
+  """One training run; compare.py and analyze_heads.py build it from their own configs."""
   task: str = "mqar"
   task_kwargs: dict = dataclasses.field(default_factory=dict)
   variant: str = "softmax"
@@ -114,8 +116,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | None = None) -> Train
   history, log_file = [], None
   if workdir:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      json.dump(dataclasses.asdict(config), f, indent=1)
+    common.write_json(os.path.join(workdir, "config.json"), dataclasses.asdict(config))
     log_file = open(os.path.join(workdir, "metrics.jsonl"), "w")
 
   def record(entry):
@@ -126,9 +127,7 @@ def train_and_evaluate(config: TrainConfig, workdir: str | None = None) -> Train
 
   first = task.batch(config.seed, 0, config.batch_size)
   compiled = train_step.lower(params, opt_state, first).compile()
-  mem = compiled.memory_analysis()
-  step_memory_mb = None if mem is None else (mem.argument_size_in_bytes + mem.output_size_in_bytes +
-                                             mem.temp_size_in_bytes) / 2**20
+  step_memory_mb = common.compiled_memory_mb(compiled)
   t_start = time.time()
   t_window, window_steps, step = time.time(), 0, 0
   losses, accs = [], []

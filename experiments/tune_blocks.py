@@ -26,12 +26,10 @@ import math
 import time
 from collections.abc import Callable
 
-from absl import app, flags
-
 from attention_jax.kernels import flash_gpu
-from experiments import bench_kernels
-
-FLAGS = flags.FLAGS
+from experiments import bench_kernels, common
+from experiments import config as config_lib
+from experiments.config import setting
 
 # Candidate values. Forward: (block_q, block_k); backward: (dK/dV tile, dQ tile) pairs, each (block_q, block_k) --
 # the dK/dV kernel holds a key tile and loops over queries, the dQ kernel the transpose, so they are paired
@@ -47,19 +45,20 @@ FWD_SHARE = 0.4           # of a group's budget for the forward stage (a fwd+bwd
 REG_VALUES = 192          # float32 accumulator + score values per thread before spilling is likely
 
 
-def define_flags() -> None:
-  flags.DEFINE_list("head_dims", ["128", "64", "256", "32"], "Head dims to tune (table rows are by padded H).")
-  flags.DEFINE_list("dtypes", ["bfloat16", "float32"], "Dtypes (2-byte rows also serve float16).")
-  flags.DEFINE_integer("seq_len", 8192, "T = S for 2-byte dtypes.")
-  flags.DEFINE_integer("wide_seq_len", 2048, "T = S for 4-byte dtypes.")
-  flags.DEFINE_integer("batch", 2, "B")
-  flags.DEFINE_integer("heads", 16, "N (= K)")
-  flags.DEFINE_bool("causal", False, "Tune with a causal mask.")
-  flags.DEFINE_integer("max_candidates", 8, "Candidates per stage, nearest to the current row first.")
-  flags.DEFINE_integer("repeats", 3, "Timed repeats (median).")
-  flags.DEFINE_float("budget_s", 0, "Total seconds, shared among the groups (0: no limit).")
-  flags.DEFINE_string("out", "", "Write all measurements and the chosen rows as JSON here.")
-  flags.DEFINE_string("summarize", "", "Print the rows of an existing JSON file and exit.")
+@dataclasses.dataclass(frozen=True)
+class TuneConfig:
+  head_dims: tuple[int, ...] = setting((128, 64, 256, 32), "Head dims to tune (table rows are by padded H).")
+  dtypes: tuple[str, ...] = setting(("bfloat16", "float32"), "Dtypes (2-byte rows also serve float16).")
+  seq_len: int = setting(8192, "T = S for 2-byte dtypes.")
+  wide_seq_len: int = setting(2048, "T = S for 4-byte dtypes.")
+  batch: int = setting(2, "B")
+  heads: int = setting(16, "N (= K)")
+  causal: bool = setting(False, "Tune with a causal mask.")
+  max_candidates: int = setting(8, "Candidates per stage, nearest to the current row first.")
+  repeats: int = setting(3, "Timed repeats (median).")
+  budget_s: float = setting(0.0, "Total seconds, shared among the groups (0: no limit).")
+  out: str = setting("", "Write all measurements and the chosen rows as JSON here.")
+  summarize: str = setting("", "Print the rows of an existing JSON file and exit.")
 
 
 def fits(b, head_dim: int, itemsize: int) -> bool:
@@ -68,10 +67,10 @@ def fits(b, head_dim: int, itemsize: int) -> bool:
   per_thread = lambda values, warps: values / (32 * warps)
   fwd = (per_thread(b.block_q * hp + b.block_q * b.block_k, b.num_warps_fwd),
          (b.block_q * hp + 2 * b.block_k * hp * b.num_stages_fwd) * itemsize)
-  dkdv = (per_thread(2 * b.block_k_dkv * hp + 2 * b.block_q_dkv * b.block_k_dkv, b.num_warps_bwd),
-          (2 * b.block_k_dkv * hp + 2 * b.block_q_dkv * hp * b.num_stages_bwd) * itemsize)
-  dq = (per_thread(b.block_q_dq * hp + 2 * b.block_q_dq * b.block_k_dq, b.num_warps_bwd),
-        (2 * b.block_q_dq * hp + 2 * b.block_k_dq * hp * b.num_stages_bwd) * itemsize)
+  dkdv = (per_thread(2 * b.block_kv_dkv * hp + 2 * b.block_q_dkv * b.block_kv_dkv, b.num_warps_bwd),
+          (2 * b.block_kv_dkv * hp + 2 * b.block_q_dkv * hp * b.num_stages_bwd) * itemsize)
+  dq = (per_thread(b.block_q_dq * hp + 2 * b.block_q_dq * b.block_kv_dq, b.num_warps_bwd),
+        (2 * b.block_q_dq * hp + 2 * b.block_kv_dq * hp * b.num_stages_bwd) * itemsize)
   return all(regs <= REG_VALUES and smem <= SMEM_BYTES for regs, smem in (fwd, dkdv, dq))
 
 
@@ -87,7 +86,7 @@ def candidates(stage: str, base, head_dim: int, itemsize: int, limit: int) -> li
     vary = [dict(block_q=bq, block_k=bk, num_warps_fwd=w, num_stages_fwd=s)
             for bq, bk in FWD_TILES for w in WARPS for s in STAGES]
   elif stage == "bwd":
-    vary = [dict(block_q_dkv=a[0], block_k_dkv=a[1], block_q_dq=d[0], block_k_dq=d[1], num_warps_bwd=w,
+    vary = [dict(block_q_dkv=a[0], block_kv_dkv=a[1], block_q_dq=d[0], block_kv_dq=d[1], num_warps_bwd=w,
                  num_stages_bwd=s) for a, d in BWD_TILES for w in WARPS for s in STAGES]
   else:
     raise ValueError(f"stage must be 'fwd' or 'bwd', got {stage!r}")
@@ -110,7 +109,7 @@ def best(records: list[dict]):
 def table_row(group: dict, device_kind: str) -> str:
   """One ``_DEFAULT_BLOCKS`` line for a tuned group, with what was measured on ``device_kind``."""
   b = flash_gpu.BlockSizes(*group["chosen"])
-  vals = ", ".join(str(getattr(b, f.name)) for f in dataclasses.fields(b) if f.name != "longest_first")
+  vals = ", ".join(f"{f.name}={getattr(b, f.name)}" for f in dataclasses.fields(b) if f.name != "longest_first")
   vals += ", longest_first=True" if b.longest_first else ""
   h, wide = flash_gpu.BlockSizes.table_key(group["head_dim"], group["dtype"])
   return (f"    ({h}, {wide}): BlockSizes({vals}),  # fwd {group['fwd_tflops']:.1f}, "
@@ -135,7 +134,7 @@ def tune_group(head_dim: int, dtype: str, *, T: int, B: int, N: int, causal: boo
   def run(stage, mode, cands, deadline):
     recs = []
     for c in cands:
-      label = "pallas[" + ",".join(str(int(x)) for x in dataclasses.astuple(c)) + "]"
+      label = bench_kernels.blocks_label(dataclasses.astuple(c))
       if time.time() > deadline:
         recs.append(dict(stage=stage, implementation=label, mode=mode, blocks=list(dataclasses.astuple(c)),
                          status="skipped: budget"))
@@ -174,33 +173,26 @@ def summarize(data: dict) -> str:
   return "\n".join(lines)
 
 
-def main(argv):
-  del argv
-  if FLAGS.summarize:
-    with open(FLAGS.summarize) as f:
-      print(summarize(json.load(f)))
+def main(config: TuneConfig) -> None:
+  if config.summarize:
+    print(summarize(common.read_json(config.summarize)))
     return
-  import jax
   import jax.numpy as jnp
   start = time.time()
-  groups_todo = [(int(h), d) for h in FLAGS.head_dims for d in FLAGS.dtypes]
-  meta = dict(date=time.strftime("%Y-%m-%d %H:%M"), jax=jax.__version__, device=str(jax.devices()[0]),
-              device_kind=jax.devices()[0].device_kind, backend=jax.default_backend(), causal=FLAGS.causal,
-              budget_s=FLAGS.budget_s)
+  groups_todo = [(h, d) for h in config.head_dims for d in config.dtypes]
+  meta = dict(common.run_metadata(), causal=config.causal, budget_s=config.budget_s)
   groups = []
   for i, (h, dtype) in enumerate(groups_todo):
-    share = ((FLAGS.budget_s - (time.time() - start)) / (len(groups_todo) - i) if FLAGS.budget_s
+    share = ((config.budget_s - (time.time() - start)) / (len(groups_todo) - i) if config.budget_s
              else float("inf"))
-    T = FLAGS.wide_seq_len if jnp.dtype(dtype).itemsize >= 4 else FLAGS.seq_len
-    g = tune_group(h, dtype, T=T, B=FLAGS.batch, N=FLAGS.heads, causal=FLAGS.causal,
-                   max_candidates=FLAGS.max_candidates, repeats=FLAGS.repeats, budget_s=share)
+    T = config.wide_seq_len if jnp.dtype(dtype).itemsize >= 4 else config.seq_len
+    g = tune_group(h, dtype, T=T, B=config.batch, N=config.heads, causal=config.causal,
+                   max_candidates=config.max_candidates, repeats=config.repeats, budget_s=share)
     groups.append(g)
-    if FLAGS.out:   # rewritten after every group, so a cut run keeps what it measured
-      with open(FLAGS.out, "w") as f:
-        json.dump(dict(meta=meta, groups=groups), f, indent=1)
+    if config.out:   # rewritten after every group, so a cut run keeps what it measured
+      common.write_json(config.out, dict(meta=meta, groups=groups))
   print(summarize(dict(meta=meta, groups=groups)))
 
 
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  config_lib.run(main, TuneConfig)

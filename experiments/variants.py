@@ -1,8 +1,7 @@
 """Attention variants by name, for experiments (scaling.py, models.py, compare.py).
 
 A spec is ``"name"`` or ``"name:arg"``; :func:`make_attention` returns ``fn(q, k, v, is_causal) -> out`` on
-``[B, T, N, H]`` / ``[B, S, K, H]`` arrays. :func:`available` lists the names whose modules import here, so
-scripts run whatever has landed.
+``[B, T, N, H]`` / ``[B, S, K, H]`` arrays.
 
   softmax / reference     attention_jax reference (dense, float32 softmax)
   xla, cudnn              jax.nn.dot_product_attention
@@ -20,7 +19,6 @@ scripts run whatever has landed.
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 
 import jax
@@ -29,15 +27,13 @@ import attention_jax as aj
 
 AttentionFn = Callable[..., jax.Array]   # fn(q, k, v, is_causal) -> out
 
-# name -> module that must import for the variant to be available
-_NEEDS = {
-    "linear_elu": "attention_jax.linear", "linear_relu": "attention_jax.linear", "favor": "attention_jax.linear",
-    "local": "attention_jax.sparse", "strided": "attention_jax.sparse", "fixed": "attention_jax.sparse",
-    "bigbird": "attention_jax.sparse", "ring": "attention_jax.ring",
-}
-DENSE_KINDS = ("softmax", "reference", "xla", "xla_local", "cudnn")
-ALL = ("softmax", "blockwise", "pallas", "linear_elu", "linear_relu", "favor", "local", "strided", "fixed",
-       "bigbird")
+# Exact softmax attention through aj.dot_product_attention (implementation = the name; "softmax" = "reference"):
+# the variants whose softmax weights models.py can return.
+SOFTMAX_KINDS = ("softmax", "reference", "xla", "cudnn", "blockwise", "pallas")
+# Variants that materialise the T x S logits (scaling.py skips them above --max_dense_gb).
+DENSE_KINDS = tuple(k for k in SOFTMAX_KINDS if k not in ("blockwise", "pallas")) + ("xla_local",)
+SPARSE_KINDS = ("local", "strided", "fixed", "bigbird")
+ALL = ("softmax", "blockwise", "pallas", "linear_elu", "linear_relu", "favor", *SPARSE_KINDS)
 
 
 def parse(spec: str) -> tuple[str, str | None]:
@@ -47,26 +43,10 @@ def parse(spec: str) -> tuple[str, str | None]:
   return name, (arg or None)
 
 
-def is_available(spec: str) -> bool:
-  name, _ = parse(spec)
-  module = _NEEDS.get(name)
-  if module is None:
-    return True
-  try:
-    importlib.import_module(module)
-    return True
-  except ImportError:
-    return False
-
-
-def available(specs=ALL) -> list[str]:
-  return [s for s in specs if is_available(s)]
-
-
 def make_attention(spec: str, *, seed: int = 0, block_size: int | None = None) -> AttentionFn:
   """``fn(q, k, v, is_causal=False)`` for a variant spec (see the module docstring)."""
   name, arg = parse(spec)
-  if name in ("softmax", "reference", "xla", "cudnn", "blockwise", "pallas"):
+  if name in SOFTMAX_KINDS:
     impl = "reference" if name == "softmax" else name
     if name == "blockwise" and arg:
       from attention_jax import blockwise
@@ -98,7 +78,7 @@ def make_attention(spec: str, *, seed: int = 0, block_size: int | None = None) -
           maps[H] = linear.favor_feature_map(jax.random.key(seed), H, num_features=num_features, orthogonal=True)
       return aj.linear_attention(q, k, v, feature_map=maps[H], is_causal=is_causal, chunk_size=chunk)
     return favor
-  if name in ("local", "strided", "fixed", "bigbird"):
+  if name in SPARSE_KINDS:
     from attention_jax import sparse
     if name == "bigbird" and arg and "@" in arg:
       arg, _, b = arg.partition("@")

@@ -76,7 +76,7 @@ def test_bad_task_raises():
 @pytest.mark.parametrize("task", ["induction", "mqar"])
 def test_smoke_run_writes_table_and_plots(tmp_path, task):
   config = dataclasses.replace(ah.HeadsConfig(**ah.PRESETS["smoke"]), task=task)
-  out = ah.train_and_evaluate(config, str(tmp_path), verbose=False)
+  out = ah.train_and_evaluate(config, tmp_path, verbose=False)
   assert len(out["heads"]) == config.num_layers * config.num_heads
   for h in out["heads"]:
     assert set(ah.STATS) | {"answer_attention"} <= set(h)
@@ -87,7 +87,7 @@ def test_smoke_run_writes_table_and_plots(tmp_path, task):
     for name in (f"heads_layer{l}.png", f"task_heads_layer{l}.png"):
       assert (tmp_path / name).read_bytes()[:4] == b"\x89PNG"
   assert ("induction_in_context" in out["heads"][0]) == (task == "mqar")
-  again = ah.train_and_evaluate(config, str(tmp_path), verbose=False, reuse=True)   # loads the saved parameters
+  again = ah.train_and_evaluate(dataclasses.replace(config, reuse=True), str(tmp_path), verbose=False)  # reloads
   assert again["heads"] == out["heads"]
   with pytest.raises(ValueError, match="another configuration"):
-    ah.train_and_evaluate(dataclasses.replace(config, steps=7), str(tmp_path), verbose=False, reuse=True)
+    ah.train_and_evaluate(dataclasses.replace(config, steps=7, reuse=True), tmp_path, verbose=False)

@@ -47,5 +47,6 @@ def test_markdown_table_shows_failures():
 def test_experiment_scripts_import_together():
   """Scripts define their absl flags only when run, so importing several in one process does not clash."""
   import importlib
-  for name in ("compare", "scaling", "bench_kernels", "analyze_heads", "seq2seq_alignment"):
+  for name in ("compare", "scaling", "bench_kernels", "tune_blocks", "mask_agreement", "analyze_heads",
+               "seq2seq_alignment"):
     importlib.import_module(f"experiments.{name}")

@@ -12,7 +12,7 @@ from experiments import seq2seq_alignment as s2s
 from tests.helpers import assert_close
 
 TINY = s2s.Config(attentions=("bahdanau",), num_symbols=6, min_len=2, max_len=7, embed_dim=8, hidden=16,
-                  attn_dim=8, batch_size=16, num_steps=40, learning_rate=1e-2, eval_examples=8,
+                  attn_dim=8, batch_size=16, steps=40, lr=1e-2, eval_examples=8,
                   eval_lengths=(2, 5, 7), heatmap_length=4, log_every=10)
 ATTENDING = ("bahdanau", "luong_dot", "luong_general", "luong_concat")
 
@@ -115,7 +115,7 @@ def test_bad_configuration_raises():
 
 def test_training_reduces_loss_and_writes_reports(tmp_path):
   config = dataclasses.replace(TINY, attentions=("none", "bahdanau"))
-  rows = s2s.train_and_evaluate(config, str(tmp_path), verbose=False)
+  rows = s2s.train_and_evaluate(config, tmp_path, verbose=False)
   log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
   for attention in config.attentions:
     losses = [r["loss"] for r in log if r["attention"] == attention]
@@ -126,7 +126,7 @@ def test_training_reduces_loss_and_writes_reports(tmp_path):
     assert 0.0 <= r["seq_acc"] <= r["token_acc"] + 1e-9 <= 1.0 + 1e-9
     assert (r["align_acc"] is None) == (r["attention"] == "none")
   saved = json.loads((tmp_path / "results.json").read_text())
-  assert saved["rows"] == rows and saved["config"]["num_steps"] == TINY.num_steps
+  assert saved["rows"] == rows and saved["config"]["steps"] == TINY.steps
   table = (tmp_path / "results.md").read_text()
   assert "| length | none | bahdanau |" in table and "| 7 |" in table
   for name in ("accuracy_vs_length.png", "alignment_bahdanau.png", "alignments.png"):

@@ -8,6 +8,7 @@ import numpy as np
 from flax import nnx
 
 from experiments import compare, tasks, train
+from experiments import config as config_lib
 from experiments.models import TransformerLM
 
 
@@ -38,8 +39,12 @@ def test_model_shapes_and_causality():
   assert clf(tokens).shape == (2, 10)
 
 
+def _compare_config(preset, **overrides):
+  return config_lib.build(compare.CompareConfig, compare.PRESETS, preset, **overrides)
+
+
 def test_compare_smoke(tmp_path):
-  results = compare.run_comparison("smoke", str(tmp_path))
+  results = compare.run_comparison(_compare_config("smoke"), tmp_path, preset="smoke")
   assert {r["task"] for r in results["runs"]} == {"mqar", "listops"}
   assert all(np.isfinite(r["loss"]) for r in results["runs"])
   for name in ("results.json", "results.md", "accuracy_vs_length_mqar.png", "accuracy_vs_length_listops.png"):
@@ -48,8 +53,8 @@ def test_compare_smoke(tmp_path):
 
 
 def test_compare_budget_lists_what_did_not_run(tmp_path):
-  results = compare.run_comparison("smoke", str(tmp_path), tasks=["mqar"], variant_names=["softmax", "linear_elu"],
-                                   budget_s=0.0)
+  config = _compare_config("smoke", tasks=["mqar"], variants=["softmax", "linear_elu"], budget_s=0.0)
+  results = compare.run_comparison(config, tmp_path, preset="smoke")
   assert results["runs"] == []
   assert [(r["task"], r["variant"]) for r in results["not_run"]] == [("mqar", "softmax"), ("mqar", "linear_elu")]
   saved = json.load(open(tmp_path / "results.json"))
@@ -59,9 +64,10 @@ def test_compare_budget_lists_what_did_not_run(tmp_path):
 
 def test_full_preset_task_instances_generate():
   """The full preset's task settings are valid generators (ListOps at T=512 needs deeper trees than at 256)."""
-  for task, lens in compare.PRESETS["full"]["tasks"].items():
+  full = _compare_config("full")
+  for task, lens in full.task_lens.items():
     for seq_len in lens:
-      kwargs = compare.task_kwargs(task, seq_len, "full")
+      kwargs = compare.task_kwargs(task, seq_len, full)
       if task == "listops":
         kwargs.update(num_train=64, num_test=16)
       batch = tasks.make_task(task, **kwargs).batch(0, 0, 4)

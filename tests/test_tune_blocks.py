@@ -9,7 +9,7 @@ from attention_jax.kernels import flash_gpu
 from experiments import bench_kernels, tune_blocks
 
 FWD_FIELDS = {"block_q", "block_k", "num_warps_fwd", "num_stages_fwd"}
-BWD_FIELDS = {"block_q_dkv", "block_k_dkv", "block_q_dq", "block_k_dq", "num_warps_bwd", "num_stages_bwd"}
+BWD_FIELDS = {"block_q_dkv", "block_kv_dkv", "block_q_dq", "block_kv_dq", "num_warps_bwd", "num_stages_bwd"}
 
 
 def _diff(a, b):
