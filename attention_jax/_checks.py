@@ -46,3 +46,15 @@ def float_array(name: str, value: Any, *, context: str = "") -> jax.Array:
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"{prefix}{name} must be a real floating-point array; got dtype={x.dtype} shape={x.shape}")
   return x
+
+
+def float_dtype(name: str, dtype: Any, *, context: str = "") -> Any:
+  """``dtype`` if it is a real floating dtype; anything else is a ``TypeError`` naming ``name``."""
+  try:
+    ok = jnp.issubdtype(dtype, jnp.floating)
+  except TypeError:
+    ok = False
+  if not ok:
+    prefix = f"{context}: " if context else ""
+    raise TypeError(f"{prefix}{name} must be a real floating dtype; got {name}={dtype!r}")
+  return dtype

@@ -413,12 +413,6 @@ def _setup(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | None):
   return cfg, q, k, v, bias, aux
 
 
-def _is_empty(inp: core.AttentionInputs) -> bool:
-  B, T, N, _ = inp.query.shape
-  S, Hv = inp.value.shape[1], inp.value.shape[-1]
-  return 0 in (B, T, N, S, Hv)
-
-
 def _empty(inp: core.AttentionInputs, out_dtype) -> tuple[jax.Array, jax.Array]:
   B, T, N, _ = inp.query.shape
   cd = _numerics.compute_dtype(inp.query.dtype)
@@ -434,7 +428,7 @@ def blockwise_core(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | No
   enters the backward); the public API stops it.
   """
   ChunkSizes.resolve(chunk_sizes)
-  if _is_empty(inp):
+  if core.is_empty(inp):
     return _empty(inp, None)
   cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
   out, lse = _attention(cfg, q, k, v, bias, aux)
@@ -458,7 +452,7 @@ def block_forward(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | Non
   :func:`block_backward`.
   """
   cd = _numerics.compute_dtype(inp.query.dtype)
-  if _is_empty(inp):
+  if core.is_empty(inp):
     return _empty(inp, cd)
   cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
   out, lse = _forward(cfg, q, k, v, bias, aux, out_dtype=cd)
@@ -479,7 +473,7 @@ def block_backward(inp: core.AttentionInputs, d_out: jax.Array, lse: jax.Array, 
   if inp.bias is not None:
     raise ValueError(f"block_backward does not return a bias gradient; got bias.shape={inp.bias.shape}")
   cd = _numerics.compute_dtype(inp.query.dtype)
-  if _is_empty(inp):
+  if core.is_empty(inp):
     return (jnp.zeros(inp.query.shape, cd), jnp.zeros(inp.key.shape, cd), jnp.zeros(inp.value.shape, cd))
   cfg, q, k, v, bias, aux = _setup(inp, chunk_sizes)
   Tp, T = q.shape[1], inp.query.shape[1]
@@ -496,13 +490,8 @@ def block_backward(inp: core.AttentionInputs, d_out: jax.Array, lse: jax.Array, 
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _run(inp: core.AttentionInputs, *, return_residual: bool, chunk_sizes: ChunkSizes):
-  return core.run_custom(blockwise_core, inp, options=(("chunk_sizes", chunk_sizes),),
-                         return_residual=return_residual)
-
-
-blockwise_attention = core.attention_function(
-    _run, name="blockwise_attention", module=__name__,
+blockwise_attention = core.implementation_function(
+    blockwise_core, name="blockwise_attention", module=__name__,
     options={"chunk_sizes": core.Option(None, ChunkSizes.resolve)},
     doc="""Memory-efficient attention; arguments and semantics of :func:`attention_jax.dot_product_attention`.
 

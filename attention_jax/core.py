@@ -590,6 +590,13 @@ def _run(names: tuple[str, ...] | Callable, options: tuple, static: tuple, retur
   return (out, public_residual(lse, inp)) if return_residual else out
 
 
+def is_empty(inp: AttentionInputs) -> bool:
+  """A zero-size call (B, T, N or Hv = 0) or one with no keys (S = 0): every row is without a key."""
+  B, T, N, _ = inp.query.shape
+  S, Hv = inp.value.shape[1], inp.value.shape[-1]
+  return 0 in (B, T, N, S, Hv)
+
+
 def _empty_result(inp: AttentionInputs, return_residual: bool, return_weights: bool):
   """Zero-size calls (B, T, N or Hv = 0) and calls with no keys (S = 0): zeros, every row without a key."""
   B, T, N, _ = inp.query.shape
@@ -606,9 +613,7 @@ def _empty_result(inp: AttentionInputs, return_residual: bool, return_weights: b
 def run(inp: AttentionInputs, implementation=None, *, return_residual: bool = False, return_weights: bool = False):
   """Runs validated inputs: dispatch, the jit boundary, the caller's batch dims and the public residual."""
   names = resolve_implementations(implementation, inp)
-  B, T, N, _ = inp.query.shape
-  S, Hv = inp.value.shape[1], inp.value.shape[-1]
-  if 0 in (B, T, N, S, Hv):
+  if is_empty(inp):
     return _empty_result(inp, return_residual, return_weights)
   if names[0] in _CUSTOM_VJP and _autodiff.needs_plain_path(inp.query, inp.key, inp.value, inp.bias):
     names = ("reference",)   # forward-mode / higher-order differentiation: the differentiable formula
@@ -624,9 +629,7 @@ def run_custom(fn: Callable[..., tuple[jax.Array, jax.Array]], inp: AttentionInp
   ``options`` a hashable tuple of ``(name, value)`` pairs (block sizes, interpret mode): together they key the
   compilation cache. With ``custom_vjp``, forward-mode or second-order differentiation runs the reference instead.
   """
-  B, T, N, _ = inp.query.shape
-  S, Hv = inp.value.shape[1], inp.value.shape[-1]
-  if 0 in (B, T, N, S, Hv):
+  if is_empty(inp):
     return _empty_result(inp, return_residual, False)
   names = fn
   if custom_vjp and _autodiff.needs_plain_path(inp.query, inp.key, inp.value, inp.bias):
@@ -702,6 +705,17 @@ def attention_function(run_fn: Callable[..., Any], *, name: str, module: str, do
   fn.__signature__ = signature
   fn.options = options
   return fn
+
+
+def implementation_function(impl: Callable[..., tuple[jax.Array, jax.Array]], *, name: str, module: str, doc: str,
+                            options: dict[str, Option] | None = None) -> AttentionFunction:
+  """:func:`attention_function` for an implementation with a custom VJP: the entry point runs
+  ``impl(inp, **checked_options) -> (out, lse)`` through :func:`run_custom` (``impl`` module-level)."""
+
+  def run_impl(inp: AttentionInputs, *, return_residual: bool, **checked):
+    return run_custom(impl, inp, options=tuple(checked.items()), return_residual=return_residual)
+
+  return attention_function(run_impl, name=name, module=module, doc=doc, options=options)
 
 
 def reference_function(fn: AttentionFunction, *, module: str) -> AttentionFunction:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from attention_jax import core
-from attention_jax._checks import float_array, positive_int
+from attention_jax._checks import float_array, float_dtype, positive_int
 
 Params = dict[str, dict[str, jax.Array]]
 
@@ -59,12 +59,7 @@ def init_multi_head(rng: jax.Array, d_model: int, num_heads: int, num_kv_heads: 
       raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads} (or pass head_dim)")
     head_dim = d_model // num_heads
   head_dim = positive_int("head_dim", head_dim)
-  try:
-    floating = jnp.issubdtype(dtype, jnp.floating)
-  except TypeError:
-    floating = False
-  if not floating:
-    raise TypeError(f"init_multi_head: dtype must be a real floating dtype; got dtype={dtype!r}")
+  float_dtype("dtype", dtype, context="init_multi_head")
   rq, rk, rv, ro = jax.random.split(rng, 4)
   in_init = jax.nn.initializers.lecun_normal(in_axis=0, out_axis=(1, 2))
   out_init = jax.nn.initializers.lecun_normal(in_axis=(0, 1), out_axis=2)

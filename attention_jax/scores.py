@@ -26,7 +26,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from attention_jax._checks import float_array, positive_int
+from attention_jax._checks import float_array, float_dtype, positive_int
 
 Params = dict[str, jax.Array]
 
@@ -64,16 +64,6 @@ def _check_qk(name: str, q: jax.Array, k: jax.Array, same_depth: bool) -> tuple[
   return q, k
 
 
-def _check_dtype(fn: str, dtype: Any) -> Any:
-  try:
-    ok = jnp.issubdtype(dtype, jnp.floating)
-  except TypeError:
-    ok = False
-  if not ok:
-    raise TypeError(f"{fn}: dtype must be a real floating dtype; got dtype={dtype!r}")
-  return dtype
-
-
 def dot(q: jax.typing.ArrayLike, k: jax.typing.ArrayLike) -> jax.Array:
   """Luong "dot" score: ``logits[..., t, s] = q[..., t, :] · k[..., s, :]``."""
   q, k = _check_qk("dot", q, k, same_depth=True)
@@ -94,7 +84,7 @@ def scaled_dot(q: jax.typing.ArrayLike, k: jax.typing.ArrayLike, scale: float | 
 def init_general(rng: jax.Array, dq: int, dk: int, dtype: Any = jnp.float32) -> Params:
   """Parameters of :func:`general`: ``{"W": [dq, dk]}`` (Glorot-uniform); ``dq``, ``dk`` positive ints."""
   dq, dk = positive_int("dq", dq, context="init_general"), positive_int("dk", dk, context="init_general")
-  dtype = _check_dtype("init_general", dtype)
+  dtype = float_dtype("dtype", dtype, context="init_general")
   return {"W": jax.nn.initializers.glorot_uniform()(rng, (dq, dk), dtype)}
 
 
@@ -115,7 +105,7 @@ def init_additive(rng: jax.Array, dq: int, dk: int, attn_dim: int, dtype: Any = 
   ints."""
   dq, dk = positive_int("dq", dq, context="init_additive"), positive_int("dk", dk, context="init_additive")
   attn_dim = positive_int("attn_dim", attn_dim, context="init_additive")
-  dtype = _check_dtype("init_additive", dtype)
+  dtype = float_dtype("dtype", dtype, context="init_additive")
   rw, ru, rv = jax.random.split(rng, 3)
   glorot = jax.nn.initializers.glorot_uniform()
   return {

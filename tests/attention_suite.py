@@ -180,14 +180,22 @@ def check_debug_infs_and_nans(fn, *, jit: bool = False, neg_inf_bias: bool = Fal
   opts = dict(is_causal=True, key_value_seq_lengths=jnp.array([0, 6]), query_seq_lengths=jnp.array([9, 4]),
               mask=jnp.asarray(r.random((2, 1, 9, 11)) > 0.3),
               bias=bias.at[..., 2].set(-jnp.inf) if neg_inf_bias else bias)
-  f = lambda q, k, v: fn(q, k, v, return_residual=True, **opts)
-  g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2))
+  results = finite_under_debug_checks(lambda q, k, v: fn(q, k, v, return_residual=True, **opts), (q, k, v),
+                                      jit=jit)
+  np.testing.assert_array_equal(results[0][0][0], 0.0)     # batch 0 has no keys
+
+
+def finite_under_debug_checks(f, args: tuple, *, jit: bool = False):
+  """``(f(*args), grads of f(*args)[0].sum())`` computed under ``jax.debug_infs`` / ``jax.debug_nans`` (which
+  raise on any non-finite intermediate outside jit, and on non-finite outputs of a jitted function), checked
+  finite, and returned."""
+  g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=tuple(range(len(args))))
   if jit:
     f, g = jax.jit(f), jax.jit(g)
   with jax.debug_infs(True), jax.debug_nans(True):
-    results = (f(q, k, v), g(q, k, v))
+    results = (f(*args), g(*args))
   chex.assert_tree_all_finite(results)
-  np.testing.assert_array_equal(results[0][0][0], 0.0)     # batch 0 has no keys
+  return results
 
 
 def check_reference_signature(fn, reference, **tiling):

@@ -2,6 +2,8 @@
 garbage at hidden positions, float64, forward-mode / second-order autodiff, debug_infs / debug_nans, chunk sizes,
 zero-size inputs, and the block_forward / block_backward pieces ring attention composes."""
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -13,7 +15,7 @@ from jax.test_util import check_grads
 import attention_jax as aj
 from attention_jax import blockwise, core
 from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION, NAN_CASES,
-                                   SLOW_CASES, AttentionSuite, ci_and_slow, make_inputs)
+                                   SLOW_CASES, AttentionSuite, check_debug_infs_and_nans, ci_and_slow, make_inputs)
 from tests.helpers import assert_close, assert_derivatives_match, enable_x64, np_mask, np_softmax_attention, randn
 
 BLOCKWISE_CASES = {
@@ -309,17 +311,5 @@ def test_differentiating_a_jitted_gradient_raises_clearly():
 
 @pytest.mark.parametrize("jit", [False, True])
 def test_debug_infs_and_nans_stay_silent(jit):
-  q, k, v = _small_inputs(13, Hv=6)
-  r = np.random.default_rng(14)
-  opts = dict(is_causal=True, key_value_seq_lengths=jnp.array([0, 6]), query_seq_lengths=jnp.array([9, 4]),
-              mask=jnp.asarray(r.random((2, 1, 9, 11)) > 0.3), bias=randn(r, (1, 4, 9, 11)))
-  f = lambda q, k, v: blockwise.blockwise_attention(q, k, v, chunk_sizes=4, return_residual=True, **opts)
-  d = lambda q, k, v: aj.dot_product_attention(q, k, v, implementation="blockwise", return_residual=True, **opts)
-  g = jax.grad(lambda *a: f(*a)[0].sum(), argnums=(0, 1, 2))
-  gd = jax.grad(lambda *a: d(*a)[0].sum(), argnums=(0, 1, 2))
-  if jit:
-    f, d, g, gd = jax.jit(f), jax.jit(d), jax.jit(g), jax.jit(gd)
-  with jax.debug_infs(True), jax.debug_nans(True):
-    results = (f(q, k, v), d(q, k, v), g(q, k, v), gd(q, k, v))
-  chex.assert_tree_all_finite(results)
-  np.testing.assert_array_equal(results[0][0][0], 0.0)     # batch 0 has no keys
+  check_debug_infs_and_nans(functools.partial(blockwise.blockwise_attention, chunk_sizes=4), jit=jit)
+  check_debug_infs_and_nans(functools.partial(aj.dot_product_attention, implementation="blockwise"), jit=jit)

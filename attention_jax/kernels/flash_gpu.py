@@ -733,12 +733,8 @@ def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | None =
   return out[:, :T, :, :Hv], lse[:, :, :T]
 
 
-def _run(inp: core.AttentionInputs, *, return_residual: bool, **options):
-  return core.run_custom(flash_core, inp, options=tuple(options.items()), return_residual=return_residual)
-
-
-flash_attention = core.attention_function(
-    _run, name="flash_attention", module=__name__,
+flash_attention = core.implementation_function(
+    flash_core, name="flash_attention", module=__name__,
     options={"block_sizes": core.Option(None, check_block_sizes), "interpret": core.Option(None),
              "debug": core.Option(False, bool)},
     doc="""Flash attention (Pallas, Triton lowering); semantics of :func:`attention_jax.dot_product_attention`.

@@ -794,12 +794,8 @@ def flash_tpu_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | No
   return out.reshape(B, Tp, N, hvp)[:, :T, :, :Hv].astype(dtype), lse[:, :, :T]
 
 
-def _run(inp: core.AttentionInputs, *, return_residual: bool, **options):
-  return core.run_custom(flash_tpu_core, inp, options=tuple(options.items()), return_residual=return_residual)
-
-
-flash_attention_tpu = core.attention_function(
-    _run, name="flash_attention_tpu", module=__name__,
+flash_attention_tpu = core.implementation_function(
+    flash_tpu_core, name="flash_attention_tpu", module=__name__,
     options={"block_sizes": core.Option(None, check_block_sizes), "interpret": core.Option(None, _check_interpret),
              "debug": core.Option(False, bool)},
     doc="""Flash attention (Pallas, Mosaic TPU lowering); semantics of :func:`attention_jax.dot_product_attention`.
