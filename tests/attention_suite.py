@@ -127,6 +127,14 @@ def ci_and_slow(cases: dict, ci, method: str, *args):
           parameterized.named_parameters(*named(cases, ci, slow=True))(pytest.mark.slow(slow)))
 
 
+def slow_only(cases: dict, method: str, *args):
+  """One parameterized test method over every case of ``cases``, marked slow (``self.<method>(case, *args)``)."""
+  def run(self, name):
+    getattr(self, method)(cases[name], *args)
+
+  return parameterized.named_parameters(*named(cases))(pytest.mark.slow(run))
+
+
 def bias_inputs(case: dict, dtype, seed: int = 0):
   """q, k, v, options and a float32 bias of ``case["bias_shape"]`` with ``-inf`` at index ``case["neg_inf"]``."""
   q, k, v, opts = make_inputs(case, dtype, seed)
@@ -240,6 +248,11 @@ class AttentionSuite(parameterized.TestCase):
 
   def attention(self, q, k, v, **options):
     raise NotImplementedError
+
+  def check_long(self, case: dict):
+    """A long case in float32 and in bfloat16."""
+    self.check_case(case, jnp.float32)
+    self.check_case(case, jnp.bfloat16)
 
   def check_case(self, case: dict, dtype, seed: int = 0):
     q, k, v, opts = make_inputs(case, dtype, seed)

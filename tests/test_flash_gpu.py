@@ -26,7 +26,8 @@ from attention_jax.kernels import flash_gpu
 from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION,
                                    LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES, AttentionSuite, bias_inputs,
                                    check_debug_infs_and_nans, check_entry_point_errors, check_float32_under_x64,
-                                   check_float64_refused, check_reference_signature, ci_and_slow, make_inputs)
+                                   check_float64_refused, check_reference_signature, ci_and_slow, make_inputs,
+                                   slow_only)
 from tests.helpers import assert_close, randn
 
 # Small tiles so that the short CI sequences still span many blocks, ragged last blocks, the causal diagonal and
@@ -82,11 +83,7 @@ class FlashInterpretTest(AttentionSuite):
   def test_float16(self):
     self.check_case(CASES["window_causal"], jnp.float16)
 
-  @parameterized.named_parameters(*((n, n) for n in SLOW_CASES))
-  @pytest.mark.slow
-  def test_long(self, name):
-    self.check_case(SLOW_CASES[name], jnp.float32)
-    self.check_case(SLOW_CASES[name], jnp.bfloat16)
+  test_long = slow_only(SLOW_CASES, "check_long")
 
   test_value_head_dim, test_value_head_dim_slow = ci_and_slow(HV_CASES, CI_HV, "check_case", jnp.float32)
   test_dense_mask_and_bias, test_dense_mask_and_bias_slow = ci_and_slow(

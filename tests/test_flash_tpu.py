@@ -26,10 +26,10 @@ from jax.experimental.pallas import tpu as pltpu
 import attention_jax as aj
 from attention_jax import core
 from attention_jax.kernels import flash_tpu
-from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION_CASES, NAN_CASES, SLOW_CASES,
-                                   AttentionSuite, check_debug_infs_and_nans, check_entry_point_errors,
+from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION, NAN_CASES,
+                                   SLOW_CASES, AttentionSuite, check_debug_infs_and_nans, check_entry_point_errors,
                                    check_float32_under_x64, check_float64_refused, check_reference_signature,
-                                   ci_and_slow, make_inputs, named)
+                                   ci_and_slow, make_inputs, named, slow_only)
 from tests.helpers import assert_close, np_mask, np_softmax_attention
 
 # The smallest TPU tiles (128), with 256 in two backward tiles: the CI sequences still span several blocks, ragged
@@ -97,25 +97,13 @@ class FlashTpuInterpretTest(AttentionSuite):
   def test_bfloat16(self):
     self.check_case(CI_CASES["odd_causal_gqa_segments_lengths"], jnp.bfloat16)
 
-  @parameterized.named_parameters(*((n, n) for n in CASES))
-  @pytest.mark.slow
-  def test_suite_float32(self, name):
-    self.check_case(CASES[name], jnp.float32)
-
-  @parameterized.named_parameters(*((n, n) for n in LOW_PRECISION_CASES))
-  @pytest.mark.slow
-  def test_suite_bfloat16(self, name):
-    self.check_case(CASES[name], jnp.bfloat16)
+  test_suite_float32 = slow_only(CASES, "check_case", jnp.float32)
+  test_suite_bfloat16 = slow_only(LOW_PRECISION, "check_case", jnp.bfloat16)
+  test_long = slow_only(SLOW_CASES, "check_long")
 
   @pytest.mark.slow
   def test_float16(self):
     self.check_case(CASES["window_causal"], jnp.float16)
-
-  @parameterized.named_parameters(*((n, n) for n in SLOW_CASES))
-  @pytest.mark.slow
-  def test_long(self, name):
-    self.check_case(SLOW_CASES[name], jnp.float32)
-    self.check_case(SLOW_CASES[name], jnp.bfloat16)
 
   test_value_head_dim, test_value_head_dim_slow = ci_and_slow(HV_CASES, CI_HV, "check_case", jnp.float32)
   test_dense_mask_and_bias, test_dense_mask_and_bias_slow = ci_and_slow(

@@ -12,14 +12,9 @@ The semantics every function shares (layout, masks, residual, dtypes) are in doc
 import importlib as _importlib
 
 # public name -> (module, name in that module)
-_EXPORTS = {
-    "flash_attention": ("flash_gpu", "flash_attention"),
-    "flash_attention_reference": ("flash_gpu", "flash_attention_reference"),
-    "BlockSizes": ("flash_gpu", "BlockSizes"),
-    "flash_attention_tpu": ("flash_tpu", "flash_attention_tpu"),
-    "flash_attention_tpu_reference": ("flash_tpu", "flash_attention_tpu_reference"),
-    "BlockSizesTPU": ("flash_tpu", "BlockSizes"),
-}
+_EXPORTS = {name: ("flash_gpu", name) for name in ("flash_attention", "flash_attention_reference", "BlockSizes")}
+_EXPORTS.update({name: ("flash_tpu", name) for name in ("flash_attention_tpu", "flash_attention_tpu_reference")})
+_EXPORTS["BlockSizesTPU"] = ("flash_tpu", "BlockSizes")
 __all__ = ["flash_gpu", "flash_tpu", *_EXPORTS]
 
 

@@ -96,8 +96,8 @@ class BlockSizes:
 
   @staticmethod
   def table_key(head_dim: int, dtype: Any) -> tuple[int, bool]:
-    """The default table's row for a head dim and dtype: (padded head dim, at most 256; 4-byte dtype)."""
-    return min(padded_head_dim(head_dim), 256), jnp.dtype(dtype).itemsize >= 4
+    """The default table's row for a head dim and dtype: (padded head dim, 32 to 256; 4-byte dtype)."""
+    return min(max(padded_head_dim(head_dim), 32), 256), jnp.dtype(dtype).itemsize >= 4
 
 
 def padded_head_dim(head_dim: int) -> int:
@@ -107,8 +107,6 @@ def padded_head_dim(head_dim: int) -> int:
 
 _DEFAULT_BLOCKS = {
     # (padded head dim, 4-byte dtype): BlockSizes
-    (16, False): BlockSizes(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=128, block_q_dq=128,
-                            block_kv_dq=64, num_warps_fwd=4, num_stages_fwd=3, num_warps_bwd=4, num_stages_bwd=2),
     (32, False): BlockSizes(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=128, block_q_dq=128,
                             block_kv_dq=64, num_warps_fwd=4, num_stages_fwd=3, num_warps_bwd=4, num_stages_bwd=2),
     (64, False): BlockSizes(block_q=128, block_k=128, block_q_dkv=64, block_kv_dkv=64, block_q_dq=64,
@@ -117,8 +115,6 @@ _DEFAULT_BLOCKS = {
                              block_kv_dq=64, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=2),
     (256, False): BlockSizes(block_q=64, block_k=32, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32,
                              block_kv_dq=32, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=1),
-    (16, True): BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=64, block_q_dq=64,
-                           block_kv_dq=32, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=2),
     (32, True): BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=64, block_q_dq=64,
                            block_kv_dq=32, num_warps_fwd=4, num_stages_fwd=2, num_warps_bwd=4, num_stages_bwd=2),
     (64, True): BlockSizes(block_q=64, block_k=64, block_q_dkv=32, block_kv_dkv=32, block_q_dq=32,
