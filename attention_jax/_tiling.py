@@ -51,44 +51,61 @@ def position_mask(rows, cols, *, is_causal=False, window=None, kv_limit=None, q_
   return out
 
 
+def _band(is_causal: bool, window, *, keys: bool) -> tuple[tuple, tuple]:
+  """``(below, above)``: index ``i`` of one axis reaches index ``o`` of the other when ``i - b <= o`` for every
+  ``b`` in ``below`` and ``o <= i + a`` for every ``a`` in ``above``. ``keys=True``: from query rows to key
+  columns (causal ``j <= i``, window ``i - left <= j <= i + right``); ``keys=False``: the transpose."""
+  below, above = (), ()
+  if is_causal:
+    above += (0,)
+  if window is not None:
+    left, right = window
+    below, above = below + (left,), above + (right,)
+  return (below, above) if keys else (above, below)
+
+
+def _reach(start, size: int, other_block: int, band, *, length, limit=None):
+  """Blocks ``[lo, hi)`` of the other axis (blocks of ``other_block``, indices below ``length``) that some index
+  in ``[start, start + size)`` reaches; empty when ``start >= limit``."""
+  below, above = band
+  lo = jnp.zeros_like(jnp.asarray(start))
+  hi = jnp.asarray(length) + lo
+  for b in below:
+    lo = jnp.maximum(lo, start - b)
+  for a in above:
+    hi = jnp.minimum(hi, start + size + a)
+  if limit is not None:
+    hi = jnp.where(start < limit, hi, lo)
+  lo_blk = floordiv(lo, other_block)
+  return lo_blk, jnp.maximum(cdiv(hi, other_block), lo_blk)
+
+
+def _full_reach(start, size: int, other_block: int, lo_blk, hi_blk, band, *, end):
+  """The sub-range of ``[lo_blk, hi_blk)`` whose blocks every index in ``[start, start + size)`` reaches (the other
+  axis' indices below ``end``)."""
+  below, above = band
+  first = jnp.zeros_like(jnp.asarray(start))       # smallest index every one reaches
+  stop = end + first                               # exclusive bound
+  for b in below:
+    first = jnp.maximum(first, start + size - 1 - b)
+  for a in above:
+    stop = jnp.minimum(stop, start + a + 1)
+  u_lo = jnp.clip(cdiv(first, other_block), lo_blk, hi_blk)
+  return u_lo, jnp.clip(floordiv(stop, other_block), u_lo, hi_blk)
+
+
 def kv_block_range(q_start, q_block: int, k_block: int, *, kv_len, is_causal=False, window=None, q_limit=None):
   """Key blocks ``[lo, hi)`` that rows ``[q_start, q_start + q_block)`` can see.
 
   ``kv_len``: keys at or after it are never visible (static length or a traced per-example length).
   ``q_limit``: rows at or after it are padding (the range is empty when the whole block is).
   """
-  lo = jnp.zeros_like(jnp.asarray(q_start))
-  hi = jnp.asarray(kv_len) + lo
-  last_row = q_start + q_block - 1
-  if is_causal:
-    hi = jnp.minimum(hi, last_row + 1)
-  if window is not None:
-    left, right = window
-    lo = jnp.maximum(lo, q_start - left)
-    hi = jnp.minimum(hi, last_row + right + 1)
-  if q_limit is not None:
-    hi = jnp.where(q_start < q_limit, hi, lo)
-  lo_blk = floordiv(lo, k_block)
-  hi_blk = jnp.maximum(cdiv(hi, k_block), lo_blk)
-  return lo_blk, hi_blk
+  return _reach(q_start, q_block, k_block, _band(is_causal, window, keys=True), length=kv_len, limit=q_limit)
 
 
 def q_block_range(k_start, k_block: int, q_block: int, *, q_len, is_causal=False, window=None, kv_limit=None):
   """Query blocks ``[lo, hi)`` whose rows can see some key in ``[k_start, k_start + k_block)``."""
-  lo = jnp.zeros_like(jnp.asarray(k_start))
-  hi = jnp.asarray(q_len) + lo
-  last_col = k_start + k_block - 1
-  if is_causal:
-    lo = jnp.maximum(lo, k_start)
-  if window is not None:
-    left, right = window
-    lo = jnp.maximum(lo, k_start - right)
-    hi = jnp.minimum(hi, last_col + left + 1)
-  if kv_limit is not None:
-    hi = jnp.where(k_start < kv_limit, hi, lo)
-  lo_blk = floordiv(lo, q_block)
-  hi_blk = jnp.maximum(cdiv(hi, q_block), lo_blk)
-  return lo_blk, hi_blk
+  return _reach(k_start, k_block, q_block, _band(is_causal, window, keys=False), length=q_len, limit=kv_limit)
 
 
 def unmasked_kv_block_range(q_start, q_block: int, k_block: int, lo_blk, hi_blk, *, kv_len, is_causal=False,
@@ -98,35 +115,12 @@ def unmasked_kv_block_range(q_start, q_block: int, k_block: int, lo_blk, hi_blk,
   Kernels run those blocks without computing a mask. Segment ids and query lengths are not considered: callers
   with either pass an empty range.
   """
-  first_col_ok = jnp.zeros_like(jnp.asarray(q_start))     # smallest column every row sees
-  end_col_ok = jnp.asarray(kv_len) + first_col_ok         # exclusive largest
-  last_row = q_start + q_block - 1
-  if is_causal:
-    end_col_ok = jnp.minimum(end_col_ok, q_start + 1)
-  if window is not None:
-    left, right = window
-    first_col_ok = jnp.maximum(first_col_ok, last_row - left)
-    end_col_ok = jnp.minimum(end_col_ok, q_start + right + 1)
-  u_lo = jnp.clip(cdiv(first_col_ok, k_block), lo_blk, hi_blk)
-  u_hi = jnp.clip(floordiv(end_col_ok, k_block), u_lo, hi_blk)
-  return u_lo, u_hi
+  return _full_reach(q_start, q_block, k_block, lo_blk, hi_blk, _band(is_causal, window, keys=True), end=kv_len)
 
 
 def unmasked_q_block_range(k_start, k_block: int, q_block: int, lo_blk, hi_blk, *, kv_len, is_causal=False,
                            window=None):
   """The sub-range of query blocks ``[lo_blk, hi_blk)`` whose every row sees every key of this key block."""
-  zero = jnp.zeros_like(jnp.asarray(k_start))
-  last_col = k_start + k_block - 1
-  first_row_ok = zero                                 # smallest first row of a fully visible query block
-  end_row_ok = zero + jnp.iinfo(jnp.int32).max        # exclusive bound on the last row
-  if is_causal:
-    first_row_ok = jnp.maximum(first_row_ok, last_col)
-  if window is not None:
-    left, right = window
-    first_row_ok = jnp.maximum(first_row_ok, last_col - right)
-    end_row_ok = jnp.minimum(end_row_ok, k_start + left + 1)
-  full_cols = k_start + k_block <= kv_len
-  u_lo = jnp.clip(cdiv(first_row_ok, q_block), lo_blk, hi_blk)
-  u_hi = jnp.clip(floordiv(end_row_ok, q_block), u_lo, hi_blk)
-  u_hi = jnp.where(full_cols, u_hi, u_lo)
-  return u_lo, u_hi
+  u_lo, u_hi = _full_reach(k_start, k_block, q_block, lo_blk, hi_blk, _band(is_causal, window, keys=False),
+                           end=jnp.iinfo(jnp.int32).max)
+  return u_lo, jnp.where(k_start + k_block <= kv_len, u_hi, u_lo)    # a key block past kv_len is never full

@@ -432,3 +432,31 @@ class AttentionSuite(parameterized.TestCase):
       chex.assert_shape((out, res), (a.shape[:-1] + c.shape[-1:], a.shape[:-1]))
       np.testing.assert_array_equal(out, 0.0)
       np.testing.assert_array_equal(res, jnp.finfo(jnp.float32).min)
+
+
+class KernelSuite(AttentionSuite):
+  """The tests every flash kernel runs, beyond the case tables a kernel module picks itself (subclasses define
+  ``attention`` and add their own CI subsets)."""
+
+  test_long = slow_only(SLOW_CASES, "check_long")
+  test_value_head_dim, test_value_head_dim_slow = ci_and_slow(HV_CASES, ("hv16_h40_lengths",), "check_case",
+                                                              jnp.float32)
+  test_dense_mask_and_bias, test_dense_mask_and_bias_slow = ci_and_slow(
+      DENSE_CASES, ("bias_11TS_mask_B1T1",), "check_case", jnp.float32)
+
+  @pytest.mark.slow
+  def test_bfloat16_nan_isolation(self):
+    self.check_nan_isolation(NAN_CASES["causal_gqa"], jnp.bfloat16)
+
+  @pytest.mark.slow
+  def test_bias_minus_inf_hides_keys_and_garbage_there(self):
+    self.check_bias_hides_garbage()
+
+  def test_batch_dims_and_zero_size(self):
+    self.check_batch_dims_and_zero_size()
+
+  def test_vmap_and_jit(self):
+    q, k, v, _ = make_inputs(CASES["t17_causal"], jnp.float32)
+    f = jax.jit(lambda q, k, v: self.attention(q, k, v, is_causal=True)[0])
+    batched = jax.vmap(f)(jnp.stack([q, 2 * q]), jnp.stack([k, k]), jnp.stack([v, -v]))
+    assert_close(batched[1], aj.reference_attention(2 * q, k, -v, is_causal=True))
