@@ -216,6 +216,26 @@ def check_reference_signature(fn, reference, **tiling):
   assert (ra.shape, ra.dtype) == (rb.shape, rb.dtype)
 
 
+def check_jitted_gradient_raises_clearly(fn):
+  """Second-order autodiff the call cannot see (the first derivative taken inside a separately jitted function)
+  raises NotImplementedError naming the alternatives; when it can see it, the reference formula runs."""
+  q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
+  f = lambda q: fn(q, k, v, **opts).sum()
+  inner = jax.jit(jax.grad(f))
+  with pytest.raises(NotImplementedError, match="implementation='reference' or 'xla'"):
+    jax.grad(lambda q: inner(q).sum())(q)
+  with pytest.raises(NotImplementedError, match="implementation='reference' or 'xla'"):
+    jax.jvp(inner, (q,), (q,))
+  # The backward alone (the forward not differentiated again) is wrapped the same way.
+  vjp = jax.jit(lambda ct: jax.vjp(f, q)[1](ct)[0])
+  with pytest.raises(NotImplementedError, match="backward pass"):
+    jax.grad(lambda ct: vjp(ct).sum())(jnp.float32(1.0))
+  ref = lambda q: aj.reference_attention(q, k, v, **opts).sum()
+  assert_close(jax.grad(lambda q: jax.grad(f)(q).sum())(q), jax.grad(lambda q: jax.grad(ref)(q).sum())(q),
+               kind="grad")
+  assert_close(jax.jvp(f, (q,), (q,))[1], jax.jvp(ref, (q,), (q,))[1])
+
+
 def check_entry_point_errors(fn):
   """Shapes named in the message, a mask that does not broadcast, and a traced scale refused with
   ``UnsupportedError`` (so that dispatch moves on to an implementation that takes it)."""

@@ -25,9 +25,10 @@ from attention_jax import core
 from attention_jax.kernels import flash_gpu
 from tests import attention_suite
 from tests.attention_suite import (CASES, CI_CASES, CI_LOW_PRECISION, DENSE_CASES, HV_CASES, LOW_PRECISION,
-                                   LOW_PRECISION_CASES, NAN_CASES, bias_inputs,
-                                   check_debug_infs_and_nans, check_entry_point_errors, check_float32_under_x64,
-                                   check_float64_refused, check_reference_signature, ci_and_slow, make_inputs)
+                                   LOW_PRECISION_CASES, NAN_CASES, bias_inputs, check_debug_infs_and_nans,
+                                   check_entry_point_errors, check_float32_under_x64, check_float64_refused,
+                                   check_jitted_gradient_raises_clearly, check_reference_signature, ci_and_slow,
+                                   make_inputs)
 from tests.helpers import assert_close, randn
 
 # Small tiles so that the short CI sequences still span many blocks, ragged last blocks, the causal diagonal and
@@ -233,23 +234,7 @@ class FlashApiTest(parameterized.TestCase):
     check_float64_refused(flash_gpu.flash_attention, "pallas")
 
   def test_differentiating_a_jitted_gradient_raises_clearly(self):
-    """Second-order autodiff the call cannot see (the first derivative taken inside a separately jitted function)
-    raises NotImplementedError naming the alternatives; when it can see it, the reference formula runs."""
-    q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
-    f = lambda q: flash_gpu.flash_attention(q, k, v, block_sizes=16, **opts).sum()
-    inner = jax.jit(jax.grad(f))
-    with self.assertRaisesRegex(NotImplementedError, "implementation='reference' or 'xla'"):
-      jax.grad(lambda q: inner(q).sum())(q)
-    with self.assertRaisesRegex(NotImplementedError, "implementation='reference' or 'xla'"):
-      jax.jvp(inner, (q,), (q,))
-    # The backward alone (the forward not differentiated again) is wrapped the same way.
-    vjp = jax.jit(lambda ct: jax.vjp(f, q)[1](ct)[0])
-    with self.assertRaisesRegex(NotImplementedError, "backward pass"):
-      jax.grad(lambda ct: vjp(ct).sum())(jnp.float32(1.0))
-    ref = lambda q: aj.reference_attention(q, k, v, **opts).sum()
-    assert_close(jax.grad(lambda q: jax.grad(f)(q).sum())(q), jax.grad(lambda q: jax.grad(ref)(q).sum())(q),
-                 kind="grad")
-    assert_close(jax.jvp(f, (q,), (q,))[1], jax.jvp(ref, (q,), (q,))[1])
+    check_jitted_gradient_raises_clearly(functools.partial(flash_gpu.flash_attention, block_sizes=16))
 
   def test_debug_infs_and_nans_stay_silent(self):
     check_debug_infs_and_nans(functools.partial(flash_gpu.flash_attention, block_sizes=16))

@@ -28,9 +28,9 @@ from attention_jax import core
 from attention_jax.kernels import flash_tpu
 from tests import attention_suite
 from tests.attention_suite import (CASES, DENSE_CASES, HV_CASES, LOW_PRECISION, NAN_CASES, AttentionSuite,
-                                   check_debug_infs_and_nans, check_entry_point_errors,
-                                   check_float32_under_x64, check_float64_refused, check_reference_signature,
-                                   ci_and_slow, make_inputs, named, slow_only)
+                                   check_debug_infs_and_nans, check_entry_point_errors, check_float32_under_x64,
+                                   check_float64_refused, check_jitted_gradient_raises_clearly,
+                                   check_reference_signature, ci_and_slow, make_inputs, named, slow_only)
 from tests.helpers import assert_close, np_mask, np_softmax_attention
 
 # The smallest TPU tiles (128), with 256 in two backward tiles: the CI sequences still span several blocks, ragged
@@ -309,20 +309,7 @@ class FlashTpuApiTest(parameterized.TestCase):
       assert_close(g, w, kind="grad")
 
   def test_differentiating_a_jitted_gradient_raises_clearly(self):
-    """Second-order autodiff the call cannot see (the first derivative taken inside a separately jitted function)
-    raises NotImplementedError naming the alternatives; when it can see it, the reference formula runs."""
-    q, k, v, opts = make_inputs(CASES["t17_causal"], jnp.float32)
-    f = lambda q: flash_tpu.flash_attention_tpu(q, k, v, **opts).sum()
-    inner = jax.jit(jax.grad(f))
-    with self.assertRaisesRegex(NotImplementedError, "implementation='reference' or 'xla'"):
-      jax.grad(lambda q: inner(q).sum())(q)
-    vjp = jax.jit(lambda ct: jax.vjp(f, q)[1](ct)[0])
-    with self.assertRaisesRegex(NotImplementedError, "backward pass"):
-      jax.grad(lambda ct: vjp(ct).sum())(jnp.float32(1.0))
-    ref = lambda q: aj.reference_attention(q, k, v, **opts).sum()
-    assert_close(jax.grad(lambda q: jax.grad(f)(q).sum())(q), jax.grad(lambda q: jax.grad(ref)(q).sum())(q),
-                 kind="grad")
-    assert_close(jax.jvp(f, (q,), (q,))[1], jax.jvp(ref, (q,), (q,))[1])
+    check_jitted_gradient_raises_clearly(flash_tpu.flash_attention_tpu)
 
   def test_debug_infs_and_nans_stay_silent(self):
     check_debug_infs_and_nans(flash_tpu.flash_attention_tpu, neg_inf_bias=True)
