@@ -11,13 +11,9 @@ one JSON line: the process index and the rows its devices hold.
 
 from __future__ import annotations
 
-import os
-import sys
-
-os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
-
 import functools
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -30,6 +26,7 @@ from tests.helpers import assert_close
 
 
 def main(process_id: int, num_processes: int, port: int) -> None:
+  jax.config.update("jax_num_cpu_devices", 4)     # before anything starts a backend, as tests/conftest.py
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=num_processes,
                              process_id=process_id)
