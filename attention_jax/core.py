@@ -46,7 +46,6 @@ from attention_jax._numerics import HIGHEST as _HIGHEST
 from attention_jax._numerics import clean as _clean
 from attention_jax._numerics import compute_dtype as _compute_dtype
 from attention_jax._numerics import finite_rows as _finite_rows
-from attention_jax._numerics import nan_rows as nan_rows  # public: kernels apply it before their tiles
 
 # The one table of implementations: ``implementation=name`` runs ``module.function(inp: AttentionInputs) ->
 # (out [B, T, N, Hv], lse [B, N, T])``, the module imported on first use (``import attention_jax`` stays light).
@@ -533,9 +532,8 @@ def resolve_implementation(implementation: str | None, inp: AttentionInputs | No
 
 
 def _get_impl(name: str) -> Callable[[AttentionInputs], tuple[jax.Array, jax.Array]]:
-  """The function behind ``implementation=name``, its module imported on first use."""
-  if name not in _DISPATCH:
-    raise ValueError(f"unknown implementation={name!r}; choose one of {('auto',) + IMPLEMENTATIONS}")
+  """The function behind ``implementation=name`` (a name :func:`resolve_implementations` accepted), its module
+  imported on first use."""
   module, function = _DISPATCH[name]
   return getattr(importlib.import_module(module), function)
 
