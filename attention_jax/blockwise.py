@@ -382,7 +382,7 @@ def _setup(inp: core.AttentionInputs, chunk_sizes: ChunkSizes | int | None):
   B, T, N, H = inp.query.shape
   S = inp.key.shape[1]
   cq, ck = min(chunk_sizes.query, T), min(chunk_sizes.key, S)
-  Tp, Sp = _tiling.cdiv(T, cq) * cq, _tiling.cdiv(S, ck) * ck
+  Tp, Sp = _numerics.round_up(T, cq), _numerics.round_up(S, ck)
   dtype = inp.query.dtype
   cfg = _Config(scale=_numerics.static_float("scale", inp.scale, path=_PATH),
                 soft_cap=_numerics.static_float("logits_soft_cap", inp.logits_soft_cap, path=_PATH),

@@ -387,7 +387,7 @@ def _elementwise_causal(phi_q_XTGF, phi_k_XSF, va_XSE, chunk: int, precision) ->
   T, S = phi_q_XTGF.shape[1], phi_k_XSF.shape[1]
   length = max(T, S)          # positions past S are zero keys; rows past T are dropped
   chunk = min(chunk, length)
-  L = _tiling.cdiv(length, chunk) * chunk
+  L = _numerics.round_up(length, chunk)
   q = _numerics.pad_axis(phi_q_XTGF, 1, L)
   k, v = _numerics.pad_axis(phi_k_XSF, 1, L)[:, :, None], _numerics.pad_axis(va_XSE, 1, L)[:, :, None]
   return _causal_product(chunk, precision, q, k, v)[:, :T]
@@ -601,7 +601,7 @@ def _favor_causal_padded(eq_XTGM, ek_XSM, va_XSE, chunk: int, precision) -> jax.
   T, S = eq_XTGM.shape[1], ek_XSM.shape[1]
   length = max(T, S)
   chunk = 1 << (min(chunk, length) - 1).bit_length()
-  L = _tiling.cdiv(length, chunk) * chunk
+  L = _numerics.round_up(length, chunk)
   eq = _numerics.pad_axis(eq_XTGM, 1, L)
   ek = _numerics.pad_axis(ek_XSM, 1, L, -jnp.inf)
   va = _numerics.pad_axis(va_XSE, 1, L)

@@ -522,7 +522,7 @@ def _prepare(query, key, value, mesh, axis_name, *, is_causal, scale, query_seq_
     implementation = "pallas" if mesh.devices.flat[0].platform == "gpu" else "blockwise"
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation must be None/'auto' or one of {IMPLEMENTATIONS}; got {implementation!r}")
-  Tp, Sp = -(-T // per) * per, -(-S // per) * per
+  Tp, Sp = _numerics.round_up(T, per), _numerics.round_up(S, per)
   cfg = _Config(axis_name=axis_name, num_shards=n_dev, zigzag=zigzag, is_causal=inp.is_causal,
                 q_chunk=Tp // per, kv_chunk=Sp // per,
                 scale=_numerics.static_float("scale", inp.scale, path="ring_attention"),

@@ -714,7 +714,7 @@ def flash_core(inp: core.AttentionInputs, block_sizes: BlockSizes | int | None =
       block_kv_dq=fit(blocks.block_kv_dq, S))
   tq = max(blocks.block_q, blocks.block_q_dkv, blocks.block_q_dq)
   tk = max(blocks.block_k, blocks.block_kv_dkv, blocks.block_kv_dq)
-  Tp, Sp = _tiling.cdiv(T, tq) * tq, _tiling.cdiv(S, tk) * tk
+  Tp, Sp = _numerics.round_up(T, tq), _numerics.round_up(S, tk)
   hp, hvp = padded_head_dim(H), padded_head_dim(Hv)
   cfg = _Config.of(inp, path=_PATH, Tp=Tp, Sp=Sp, mask=_dense_dims(inp.mask), bias=_dense_dims(inp.bias),
                    blocks=blocks, interpret=_resolve_interpret(interpret), debug=debug)
