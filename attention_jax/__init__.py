@@ -14,13 +14,17 @@ from attention_jax.multihead import init_multi_head, multi_head_attention
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("nn", "viz", "kernels", "blockwise", "sparse", "linear", "ring")
+_LAZY_MODULES = ("nn", "viz", "kernels", "blockwise", "sparse", "linear", "ring", "flex", "mods")
 # Public functions that live in lazily imported modules: name -> module.
 _LAZY_FUNCTIONS = {
     "linear_attention": "linear",
     "sparse_attention": "sparse",
     "ring_attention": "ring",
     "blockwise_attention": "blockwise",
+    "flex_attention": "flex",
+    "create_block_mask": "flex",
+    "and_masks": "flex",
+    "or_masks": "flex",
 }
 
 __all__ = [
