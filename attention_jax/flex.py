@@ -202,7 +202,7 @@ def _lists(state: jax.Array, value: int) -> tuple[jax.Array, jax.Array]:
   n = state.shape[-1]
   sel = state == value
   count = jnp.sum(sel, axis=-1, dtype=jnp.int32)
-  j = jnp.arange(n, dtype=jnp.int32)
+  j = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), state.shape)
   order = jnp.argsort(jnp.where(sel, j, n + j), axis=-1).astype(jnp.int32)
   last = jnp.take_along_axis(order, jnp.maximum(count - 1, 0)[..., None], axis=-1)
   return count, jnp.where(j < count[..., None], order, jnp.where(count[..., None] > 0, last, 0))
@@ -210,7 +210,7 @@ def _lists(state: jax.Array, value: int) -> tuple[jax.Array, jax.Array]:
 
 def _scatter_state(count, indices, value, n) -> jax.Array:
   """The inverse of :func:`_lists`: int8 ``[..., n]`` with ``value`` at the listed positions."""
-  valid = jnp.arange(indices.shape[-1]) < count[..., None]
+  valid = jnp.broadcast_to(jnp.arange(indices.shape[-1]), indices.shape) < count[..., None]
   hit = jax.nn.one_hot(jnp.where(valid, indices, n), n + 1, dtype=jnp.int8)[..., :n]
   return jnp.max(hit, axis=-2) * jnp.int8(value)
 
@@ -360,9 +360,9 @@ def create_block_mask(mask_mod: MaskModFn | None, B: int | None, N: int | None, 
   nq, nk = -(-T // bq), -(-S // bk)
   if mask_mod is not None:
     convert_mask_mod(mask_mod)     # checks it returns a bool scalar (ValueError otherwise)
-  in_bounds = (((jnp.arange(nq) + 1) * bq <= T)[:, None] & ((jnp.arange(nk) + 1) * bk <= S)[None, :])
+  in_bounds = (((jnp.arange(nq) + 1) * bq <= T)[:, None] & ((jnp.arange(nk) + 1) * bk <= S)[None, :])[None, None]
   if mask_mod is None:
-    state = jnp.where(in_bounds, FULL, PARTIAL)[None, None]
+    state = jnp.where(in_bounds, FULL, PARTIAL)
   elif isinstance(mask_mod, MaskMod) and mask_mod.blocks is not None:
     classify = mask_mod.blocks(bq, bk, T, S)
     may, every = _grid_vmap(lambda b, n, i, j: tuple(jnp.asarray(x, bool) for x in classify(b, n, i, j)),
@@ -388,7 +388,7 @@ def _exact_blocks(mask_mod, Bm: int, Nm: int, T: int, S: int, bq: int, bk: int):
       f = jax.vmap(f, in_axes=tuple(0 if a == axis else None for a in range(4)))
     m = f(jnp.arange(Bm, dtype=jnp.int32), jnp.arange(Nm, dtype=jnp.int32), rows, cols)
     m = jnp.broadcast_to(m, (Bm, Nm, bq, nk * bk))
-    real = (rows < T)[:, None] & (cols < S)[None, :]
+    real = ((rows < T)[:, None] & (cols < S)[None, :])[None, None]
     may = (m & real).reshape(Bm, Nm, bq, nk, bk).any(axis=(2, 4))
     every = (m | ~real).reshape(Bm, Nm, bq, nk, bk).all(axis=(2, 4))
     return may, every
@@ -464,9 +464,14 @@ def reference_impl(f: FlexInputs) -> tuple[jax.Array, jax.Array]:
   G = N // K
   dtype = _numerics.compute_dtype(q.dtype)
   prec = _numerics.matmul_precision(q.dtype)
-  q5 = q.reshape(B, T, K, G, H)
-  s = jnp.einsum("btkgh,bskh->bkgts", q5, k, preferred_element_type=dtype, precision=prec)
+  # Hidden non-finite entries never meet a multiply: q and k enter cleaned and exactly the logits a non-finite q
+  # or k row touches become NaN (as in core.reference_core).
+  q5 = _numerics.clean(q).reshape(B, T, K, G, H)
+  s = jnp.einsum("btkgh,bskh->bkgts", q5, _numerics.clean(k), preferred_element_type=dtype, precision=prec)
   s = s.reshape(B, N, T, S) * jnp.asarray(f.scale, dtype)
+  q_bad = jnp.swapaxes(~_numerics.finite_rows(q), 1, 2)[..., None]                       # [B, N, T, 1]
+  k_bad = _per_head_v(~_numerics.finite_rows(k)[..., None], N)[..., 0][:, :, None, :]    # [B, N, 1, S]
+  s = jnp.where(q_bad | k_bad, jnp.nan, s)
   b_i, n_i = jnp.arange(B, dtype=jnp.int32), jnp.arange(N, dtype=jnp.int32)
   t_i, s_i = jnp.arange(T, dtype=jnp.int32), jnp.arange(S, dtype=jnp.int32)
   if f.score is not None:
@@ -480,7 +485,7 @@ def reference_impl(f: FlexInputs) -> tuple[jax.Array, jax.Array]:
     visible = _grid_vmap_args(m, (jnp.arange(Bm, dtype=jnp.int32), jnp.arange(Nm, dtype=jnp.int32), t_i, s_i))
     s = jnp.where(jnp.broadcast_to(visible, (Bm, Nm, T, S)), s, -jnp.inf)
   else:
-    visible = None
+    visible, Bm, Nm = None, 1, 1
   smax = jnp.max(s, axis=-1, keepdims=True)
   smax = lax.stop_gradient(jnp.where(jnp.isfinite(smax), smax, 0))
   e = jnp.exp(s - smax)
@@ -488,15 +493,12 @@ def reference_impl(f: FlexInputs) -> tuple[jax.Array, jax.Array]:
   has = denom > 0
   p = e / jnp.where(has, denom, 1)
   lse = jnp.where(has, smax + jnp.log(jnp.where(has, denom, 1)), -jnp.inf)[..., 0]
-  vv = v.astype(dtype)
-  if visible is not None:   # hidden values never meet a multiply (a NaN there must not reach the row)
-    vis_k = jnp.broadcast_to(visible, (Bm, Nm, T, S))
-    bad = jnp.any(vis_k[..., None] & ~jnp.isfinite(_per_head_v(vv, N)[:, :, None]), axis=(-2, -1))
-    p_v = jnp.einsum("bkgts,bskh->btkgh", p.reshape(B, K, G, T, S), _numerics.clean(vv), precision=prec)
-    out = p_v.reshape(B, T, N, -1)
-    out = jnp.where(jnp.swapaxes(jnp.broadcast_to(bad, (B, N, T)), 1, 2)[..., None], jnp.nan, out)
-  else:
-    out = jnp.einsum("bkgts,bskh->btkgh", p.reshape(B, K, G, T, S), vv, precision=prec).reshape(B, T, N, -1)
+  p_v = jnp.einsum("bkgts,bskh->btkgh", p.reshape(B, K, G, T, S), _numerics.clean(v).astype(dtype), precision=prec)
+  out = p_v.reshape(B, T, N, -1)
+  v_bad = _per_head_v(~_numerics.finite_rows(v)[..., None], N)[..., 0][:, :, None, :]   # [B, N, 1, S]
+  sees_bad = jnp.any(v_bad if visible is None else jnp.broadcast_to(visible, (Bm, Nm, T, S)) & v_bad, axis=-1)
+  sees_bad = jnp.swapaxes(jnp.broadcast_to(sees_bad, (B, N, T)), 1, 2)[..., None]
+  out = jnp.where(sees_bad, jnp.nan, out)
   return out.astype(q.dtype), lse
 
 
@@ -528,6 +530,16 @@ class _Static(NamedTuple):
   mask_fn: Callable | None
   dtype: Any
   precision: Any
+  mask_b: bool = True    # the block mask has a batch axis: mask_mod sees the real b (else 0, as when it was built)
+  mask_n: bool = True
+
+
+def _mask_tile(st: _Static, b, n, rows, cols, mc):
+  """The tile's visibility: real positions that ``mask_mod`` allows."""
+  visible = (rows < st.T)[:, None] & (cols < st.S)[None, :]
+  if st.mask_fn is not None:
+    visible = visible & tile_mask(st.mask_fn, mc, b if st.mask_b else 0, n if st.mask_n else 0, rows, cols)
+  return visible
 
 
 def _mm(st: _Static, spec: str, a, b):
@@ -545,9 +557,7 @@ def _tile(st: _Static, b, n, q_i, k_j, rows, cols, sc, mc, masked: bool):
   s = raw if st.score_fn is None else tile_scores(st.score_fn, sc, raw, b, n, rows, cols)
   visible = None
   if masked:
-    visible = (rows < st.T)[:, None] & (cols < st.S)[None, :]
-    if st.mask_fn is not None:
-      visible = visible & tile_mask(st.mask_fn, mc, b, n, rows, cols)
+    visible = _mask_tile(st, b, n, rows, cols, mc)
     s = jnp.where(visible, s, -jnp.inf)
   return s, raw, visible
 
@@ -624,9 +634,7 @@ def _bwd_head(st: _Static, b, n, q, k, v, do, lse, delta, sc, mc, lists):
         s, mod_vjp = jax.vjp(scores, raw, [sc[p] for p in float_consts])
       visible = None
       if masked:
-        visible = (rows < st.T)[:, None] & (cols < st.S)[None, :]
-        if st.mask_fn is not None:
-          visible = visible & tile_mask(st.mask_fn, mc, b, n, rows, cols)
+        visible = _mask_tile(st, b, n, rows, cols, mc)
         s = jnp.where(visible, s, -jnp.inf)
       live = ~jnp.isneginf(lse_i)
       p = jnp.where(live[:, None], jnp.exp(s - jnp.where(live, lse_i, 0)[:, None]), 0)
@@ -756,10 +764,13 @@ def blockwise_impl(f: FlexInputs) -> tuple[jax.Array, jax.Array]:
   scale = _numerics.static_float("scale", f.scale, path="flex_attention's blockwise path")
   st = _Static(scale, T, S, bq, bk, f.query.shape[2] // f.key.shape[2],
                None if f.score is None else f.score.fn, None if f.mask is None else f.mask.fn,
-               _numerics.compute_dtype(f.query.dtype), _numerics.matmul_precision(f.query.dtype))
+               _numerics.compute_dtype(f.query.dtype), _numerics.matmul_precision(f.query.dtype),
+               f.block_mask.shape[0] > 1, f.block_mask.shape[1] > 1)
   sc = () if f.score is None else f.score.consts
   mc = () if f.mask is None else f.mask.consts
-  return _blockwise(st, f.query, f.key, f.value, tuple(sc), tuple(mc), f.block_mask)
+  # A non-finite q or k row makes every logit it touches NaN, whatever the sign an Inf would give it.
+  q, k = _numerics.nan_rows(f.query), _numerics.nan_rows(f.key)
+  return _blockwise(st, q, k, f.value, tuple(sc), tuple(mc), f.block_mask)
 
 
 # ----------------------------------------------------------------------------------------------------------
