@@ -8,6 +8,7 @@ still display in notebooks. A caller may pass an ``ax`` from pyplot (or anywhere
 * :func:`plot_attention`  one weight matrix ``[T, S]`` as a heatmap, queries (targets) as rows and keys
   (sources) as columns, with token labels;
 * :func:`plot_heads`      ``[N, T, S]`` as a grid with one panel per head.
+* :func:`plot_block_mask` a ``flex.BlockMask``'s block layout (empty / partial / full blocks) for one row and head.
 
 Figures grow with the sequence, ``INCHES_PER_TOKEN`` per token, up to ``MAX_FIGURE_INCHES`` on a side (a whole
 head grid too): long sequences give a bounded figure (and bounded memory) whatever T and S are. Tick labels are
@@ -240,6 +241,35 @@ def plot_heads(weights_NxTxS: jax.typing.ArrayLike, tokens: Sequence | None, y_t
 # ----------------------------------------------------------------------------------------------------------
 # Head statistics
 # ----------------------------------------------------------------------------------------------------------
+
+
+def plot_block_mask(block_mask, b: int = 0, n: int = 0, ax=None, *, title: str | None = None,
+                    save: str | os.PathLike | None = None) -> Figure:
+  """The block layout of a :class:`attention_jax.flex.BlockMask` for batch row ``b`` and head ``n``: one cell per
+  (query block, key block), white = empty (skipped), light = partial (``mask_mod`` evaluated in the tile), dark =
+  full. The title reports the sparsity. Returns the Figure."""
+  state = np.asarray(block_mask.state())
+  Bm, Nm = state.shape[:2]
+  if (Bm > 1 and not 0 <= b < Bm) or (Nm > 1 and not 0 <= n < Nm):
+    raise ValueError(f"plot_block_mask: (b={b}, n={n}) outside the mask's (B={Bm}, N={Nm})")
+  grid = state[b if Bm > 1 else 0, n if Nm > 1 else 0]
+  nq, nk = grid.shape
+  if ax is None:
+    fig = _new_figure((min(MAX_FIGURE_INCHES, max(3.0, 1.5 + 0.12 * nk)),
+                       min(MAX_FIGURE_INCHES, max(2.5, 1.0 + 0.12 * nq))))
+    ax = fig.add_subplot()
+  else:
+    fig = ax.figure
+  cmap = matplotlib.colors.ListedColormap(["#ffffff", "#9ecae1", "#08519c"])
+  ax.imshow(grid, cmap=cmap, vmin=0, vmax=2, interpolation="nearest", aspect="auto")
+  bq, bk = block_mask.block_size
+  ax.set_xlabel(f"key block ({bk} keys)")
+  ax.set_ylabel(f"query block ({bq} queries)")
+  full, partial = int(np.sum(grid == 2)), int(np.sum(grid == 1))
+  ax.set_title(title or f"{full} full, {partial} partial of {nq * nk} blocks "
+                        f"({100 * (1 - (full + partial) / max(nq * nk, 1)):.1f}% skipped)", fontsize=9)
+  _save(fig, save)
+  return fig
 
 
 def _weights(weights: jax.typing.ArrayLike, name: str, square: bool = False) -> jax.Array:

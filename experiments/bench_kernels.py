@@ -16,7 +16,10 @@ Implementations: ours ("pallas", "pallas_longest_first" -- the same blocks launc
 mask, "pallas_tpu", "blockwise", "reference"), jax.nn ("xla", "cudnn"), and jax's bundled Triton Pallas kernel
 where importable ("jax_pallas" with its default blocks, "jax_pallas_tuned" with the blocks tuned for an H200:
 forward 128 x 64, backward 64 x 64, 4 warps, 2 stages). One that cannot run here is recorded with the reason and
-the run goes on.
+the run goes on. Programmable attention: "flex" (``flex_attention`` with the causal mask as a mask_mod when
+causal) and "flex:window=W" (plus a sliding window of W keys), each optionally "@<implementation>" (default: the
+backend's kernel), so that ``--implementations=pallas,flex --causal=true`` compares flex with the built-in kernel in
+one run. (FLOPs of a window count the full causal work, so compare times, not TFLOP/s, for windows.)
 
 Masks: ``--padding=0.25`` hides the last quarter of every key sequence; ``--mask_modes=structured,dense`` times
 each mask two ways in one run -- structured (``is_causal=True`` / ``key_value_seq_lengths``) and as a boolean
@@ -139,6 +142,8 @@ def attention_fn(impl: str, causal: bool, blocks=None, **static):
     return fn
   if impl in ("pallas_tpu", "blockwise", "reference"):
     return lambda q, k, v, **arrays: aj.dot_product_attention(q, k, v, implementation=impl, **static, **arrays)
+  if impl.startswith("flex"):
+    return flex_fn(impl, static)
   if impl in ("xla", "cudnn"):
     return lambda q, k, v, **arrays: jax.nn.dot_product_attention(q, k, v, implementation=impl, **static, **arrays)
   if impl in ("jax_pallas", "jax_pallas_tuned"):
@@ -156,6 +161,29 @@ def attention_fn(impl: str, causal: bool, blocks=None, **static):
       return jax_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5, causal=static["is_causal"], **kw)
     return jax_fn
   raise ValueError(f"unknown implementation {impl!r}")
+
+
+def flex_fn(impl: str, static: dict):
+  """``flex`` / ``flex:window=W`` (optionally ``@<implementation>``, default the backend's kernel):
+  flex_attention with the causal mask as a mask_mod (when causal) and, for ``window=W``, a sliding window of W
+  keys to the left (and W to the right when not causal); block masks of 128."""
+  from attention_jax import flex, mods
+  spec, _, implementation = impl.partition("@")
+  _, _, window = spec.partition(":window=")
+  if set(static) - {"is_causal"}:
+    raise NotImplementedError(f"{impl} takes no {sorted(set(static) - {'is_causal'})} here")
+  causal = static["is_causal"]
+  parts = [mods.causal()] if causal else []
+  if window:
+    parts.append(mods.sliding_window((int(window), 0 if causal else int(window))))
+  mask_mod = None if not parts else flex.and_masks(*parts)
+
+  def fn(q, k, v, **arrays):
+    if arrays:
+      raise NotImplementedError(f"{impl} takes no {sorted(arrays)}")
+    bm = flex.create_block_mask(mask_mod, None, None, q.shape[1], k.shape[1], block_size=128)
+    return flex.flex_attention(q, k, v, None, bm, implementation=implementation or None)
+  return fn
 
 
 def record(label: str, T: int, causal: bool, mode: str, padding: float = 0.0, mask_mode: str = "structured",

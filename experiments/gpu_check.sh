@@ -10,6 +10,8 @@
 # (is_causal vs a [1,1,T,S] array; key_value_seq_lengths vs a [B,1,1,S] array) for MASK_IMPLS at MASK_SEQ_LENS
 # (JSON under $OUT/bench_masks_*.json, with the dense / structured ratios in "mask_comparison"; MASK_EXTRA adds
 # bench_kernels flags, e.g. "--batch=1 --heads=2 --head_dim=16" for a dry run on CPU);
+# FLEX_BUDGET_S > 0 runs the flex_attention GPU kernel's tests compiled and times causal flex against our built-in
+# causal kernel (T=16K) and a causal sliding window of 1024 against causal flex (T=32K);
 # TUNE_BUDGET_S > 0 runs experiments/tune_blocks.py last (TUNE_HEAD_DIMS x TUNE_DTYPES; rows under $OUT/tune.json).
 set -uo pipefail
 OUT=${OUT:-/tmp}
@@ -25,6 +27,7 @@ MASK_BUDGET_S=${MASK_BUDGET_S:-90}
 MASK_IMPLS=${MASK_IMPLS:-pallas,cudnn}
 MASK_SEQ_LENS=${MASK_SEQ_LENS:-16384}
 MASK_EXTRA=${MASK_EXTRA:-}
+FLEX_BUDGET_S=${FLEX_BUDGET_S:-180}
 TUNE_BUDGET_S=${TUNE_BUDGET_S:-0}
 TUNE_HEAD_DIMS=${TUNE_HEAD_DIMS:-128,64,256,32}
 TUNE_DTYPES=${TUNE_DTYPES:-bfloat16,float32}
@@ -78,6 +81,22 @@ if [ "$MASK_BUDGET_S" -gt 0 ]; then
     echo "bench ($name masks) exit: $?"
     grep -A30 "dense / structured" "$OUT/bench_masks_$name.log" | head -12
   done
+fi
+
+if [ "$FLEX_BUDGET_S" -gt 0 ]; then
+  echo "== 3c. flex_attention on the GPU: compiled kernel tests, then causal flex vs our built-in causal kernel"
+  echo "   (bf16 B=2 N=16 H=128 T=16K, fwd and fwd+bwd) and a causal sliding window of 1024 vs causal at T=32K"
+  timeout $((FLEX_BUDGET_S / 3)) python -m pytest -q -p no:cacheprovider -rs tests/test_flex_gpu.py -m "not slow" \
+    > "$OUT/flex_tests.txt" 2>&1
+  echo "flex tests exit: $?"; grep -E "passed|failed|error|FAILED|ERROR" "$OUT/flex_tests.txt" | tail -8
+  timeout $((FLEX_BUDGET_S / 3 + 60)) python -m experiments.bench_kernels --budget_s=$((FLEX_BUDGET_S / 3)) \
+    --implementations=pallas,flex --causal=true --seq_lens=16384 --repeats=5 \
+    --out="$OUT/bench_flex_causal.json" > "$OUT/bench_flex_causal.log" 2>&1
+  echo "flex causal bench exit: $?"; grep -v "^W\|^I" "$OUT/bench_flex_causal.log" | tail -12
+  timeout $((FLEX_BUDGET_S / 3 + 60)) python -m experiments.bench_kernels --budget_s=$((FLEX_BUDGET_S / 3)) \
+    --implementations=flex,flex:window=1024 --causal=true --seq_lens=32768 --repeats=5 \
+    --out="$OUT/bench_flex_window.json" > "$OUT/bench_flex_window.log" 2>&1
+  echo "flex window bench exit: $?"; grep -v "^W\|^I" "$OUT/bench_flex_window.log" | tail -12
 fi
 
 if [ "$TUNE_BUDGET_S" -gt 0 ]; then

@@ -9,6 +9,15 @@ Times are the median of ``--repeats`` runs after a compile-and-warm-up run, with
       --out=docs/scaling_cpu.json
 
 Writes the JSON list, a markdown table next to it (.md) and a log-log plot (.png).
+
+Variants are experiments/variants.py specs, plus programmable-attention specs that carry their own mask (the
+``--causal`` flag does not apply to them): ``flex:none``, ``flex:causal``, ``flex:window=W`` (W keys each side),
+``flex:docs=D`` (D documents of random lengths, seed 0; the record holds the lengths and sum(len^2)), each
+``flex_attention(implementation="blockwise")`` with a block mask of ``--flex_block_size``, and
+``dpa:causal`` (``dot_product_attention(is_causal=True, implementation="blockwise")``) to compare with:
+
+  python -m experiments.scaling --variants=flex:none,flex:window=256,flex:causal,dpa:causal,flex:docs=16 \
+      --seq_lens=16384 --modes=fwd_bwd --out=docs/scaling_flex_cpu.json
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ class ScalingConfig:
   timeout_s: int = setting(1800, "Per-measurement subprocess timeout.")
   baseline: str | None = setting(None, "Variant the relative (LRA Table 2 layout) table divides by; default: the "
                                        "first of --variants.")
+  flex_block_size: int = setting(128, "Block size of the flex:* variants' block masks.")
   out: str = setting("", "JSON output path (.md table and .png plot are written beside it).")
 
 
@@ -51,6 +61,40 @@ def dense_bytes_estimate(cfg: dict) -> float:
   """Rough peak of a dense fwd+bwd: logits, probabilities and their gradient, float32, B*N*T*S each."""
   n = cfg["batch"] * cfg["heads"] * cfg["seq_len"] ** 2
   return n * 4 * (3 if cfg["mode"] == "fwd_bwd" else 2)
+
+
+def document_lengths(T: int, docs: int, seed: int = 0) -> list[int]:
+  """``docs`` positive lengths summing to ``T``: cut points drawn uniformly without replacement."""
+  import numpy as np
+  cuts = np.sort(np.random.default_rng(seed).choice(np.arange(1, T), size=docs - 1, replace=False))
+  return np.diff(np.concatenate([[0], cuts, [T]])).tolist()
+
+
+def flex_variant(spec: str, T: int, block_size: int):
+  """``(attention(q, k, v), extra record fields)`` for a ``flex:*`` or ``dpa:causal`` spec."""
+  import jax.numpy as jnp
+  import numpy as np
+
+  from attention_jax import core, flex, mods
+  if spec == "dpa:causal":
+    return lambda q, k, v: core.dot_product_attention(q, k, v, is_causal=True, implementation="blockwise"), {}
+  kind, _, arg = spec.removeprefix("flex:").partition("=")
+  extra = {}
+  if kind == "none":
+    mask_mod = None
+  elif kind == "causal":
+    mask_mod = mods.causal()
+  elif kind == "window":
+    mask_mod = mods.sliding_window(int(arg))
+  elif kind == "docs":
+    lengths = document_lengths(T, int(arg))
+    mask_mod = mods.document(jnp.asarray(np.repeat(np.arange(len(lengths)), lengths), jnp.int32))
+    extra = dict(doc_lengths=lengths, sum_len_sq_fraction=float(sum(l * l for l in lengths)) / T ** 2)
+  else:
+    raise ValueError(f"unknown flex variant {spec!r}: flex:none, flex:causal, flex:window=W, flex:docs=D")
+  bm = flex.create_block_mask(mask_mod, None, None, T, T, block_size=block_size)
+  extra.update(block_fraction=1 - bm.sparsity() / 100, block_size=block_size)
+  return lambda q, k, v: flex.flex_attention(q, k, v, None, bm, implementation="blockwise"), extra
 
 
 def measure_in_process(cfg: dict) -> dict:
@@ -68,8 +112,13 @@ def measure_in_process(cfg: dict) -> dict:
   r = np.random.default_rng(0)
   q, k, v = (jnp.asarray(r.standard_normal((B, T, N, H)), dtype) for _ in range(3))
   ct = jnp.asarray(r.standard_normal((B, T, N, H)), dtype)
-  attention = variants.make_attention(cfg["variant"])
-  run = common.attention_step(lambda q, k, v: attention(q, k, v, is_causal=cfg["causal"]), cfg["mode"], ct)
+  extra = {}
+  if cfg["variant"].startswith(("flex:", "dpa:")):
+    attention, extra = flex_variant(cfg["variant"], T, cfg.get("flex_block_size", 128))
+    run = common.attention_step(attention, cfg["mode"], ct)
+  else:
+    attention = variants.make_attention(cfg["variant"])
+    run = common.attention_step(lambda q, k, v: attention(q, k, v, is_causal=cfg["causal"]), cfg["mode"], ct)
   jax.block_until_ready((q, k, v, ct))
   compiled_mb = None
   try:
@@ -81,7 +130,7 @@ def measure_in_process(cfg: dict) -> dict:
   jax.block_until_ready(run(q, k, v))
   first_s = time.perf_counter() - t0
   times = common.time_calls(lambda: run(q, k, v), cfg["repeats"])
-  return dict(cfg, status="ok", time_s=statistics.median(times), times_s=times, compile_and_first_s=first_s,
+  return dict(cfg, **extra, status="ok", time_s=statistics.median(times), times_s=times, compile_and_first_s=first_s,
               peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
               rss_before_attention_mb=rss_before_mb, compiled_memory_mb=compiled_mb,
               device=str(jax.devices()[0]), num_devices=len(jax.devices()), jax=jax.__version__)
@@ -95,7 +144,8 @@ def child(cfg_json: str) -> None:
 def measure(cfg: dict, timeout_s: int = 1800, max_dense_gb: float = 20.0) -> dict:
   """Runs one measurement in a fresh subprocess; failures and skips come back as a status."""
   from experiments import variants
-  if variants.parse(cfg["variant"])[0] in variants.DENSE_KINDS and dense_bytes_estimate(cfg) > max_dense_gb * 2**30:
+  dense = not cfg["variant"].startswith(("flex:", "dpa:")) and variants.parse(cfg["variant"])[0] in variants.DENSE_KINDS
+  if dense and dense_bytes_estimate(cfg) > max_dense_gb * 2**30:
     return dict(cfg, status=f"skipped: dense logits need ~{dense_bytes_estimate(cfg) / 2**30:.0f} GB "
                             f"(> --max_dense_gb={max_dense_gb:g})")
   cmd = [sys.executable, "-c", "import sys; from experiments import scaling; scaling.child(sys.argv[1])",
@@ -189,7 +239,7 @@ def run_all(config: ScalingConfig, log=print) -> list[dict]:
         for n_dev in config.devices:
           cfg = dict(variant=variant, mode=mode, seq_len=T, batch=config.batch, heads=config.heads,
                      head_dim=config.head_dim, dtype=config.dtype, causal=config.causal, repeats=config.repeats,
-                     devices=n_dev)
+                     devices=n_dev, flex_block_size=config.flex_block_size)
           res = measure(cfg, config.timeout_s, config.max_dense_gb)
           log(f"{variant:10s} {mode:8s} T={T:>6} dev={n_dev}: " +
               (f"{res['time_s']:.3f}s peak {res['peak_rss_mb']:.0f} MB" if res["status"] == "ok" else res["status"]))

@@ -421,3 +421,15 @@ def test_statistics_propagate_nan():
   clean = previous_token_head(T)
   clean[3, 4] = np.nan      # the previous-token score reads only w[t, t-1]
   assert_close(viz.previous_token_score(clean), 1.0)
+
+
+def test_plot_block_mask_draws_the_block_states(tmp_path):
+  from attention_jax import flex, mods
+  bm = flex.create_block_mask(mods.causal() & mods.sliding_window((16, 0)), None, None, 64, 64, block_size=16)
+  fig = viz.plot_block_mask(bm, save=tmp_path / "blocks.png")
+  image = fig.axes[0].images[0].get_array()
+  np.testing.assert_array_equal(np.asarray(image), [[1, 0, 0, 0], [1, 1, 0, 0], [0, 1, 1, 0], [0, 0, 1, 1]])
+  assert "0 full, 7 partial of 16 blocks (56.2% skipped)" in fig.axes[0].get_title()
+  assert (tmp_path / "blocks.png").stat().st_size > 0
+  with pytest.raises(ValueError, match="outside"):
+    viz.plot_block_mask(flex.create_block_mask(mods.causal(), 2, None, 64, 64), b=2)
