@@ -592,7 +592,7 @@ def _fwd_head(st: _Static, b, n, q, k, v, sc, mc, lists):
              jnp.zeros((st.bq, Hv), st.dtype), jnp.zeros((st.bq,), bool))
     carry = lax.fori_loop(0, full_num[i], functools.partial(step, False), carry)
     m, l, acc, bad = lax.fori_loop(0, part_num[i], functools.partial(step, True), carry)
-    has = l > 0
+    has = l != 0     # NaN (a row that sees a non-finite logit) stays NaN; 0: no visible key
     out = jnp.where(has[:, None], acc / jnp.where(has, l, 1)[:, None], 0)
     out = jnp.where(bad[:, None], jnp.nan, out)
     m_safe = jnp.where(jnp.isneginf(m), 0, m)

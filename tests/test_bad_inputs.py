@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import attention_jax as aj
-from attention_jax import blockwise, linear, masks, multihead, nn, ring, scores, sparse, viz
+from attention_jax import blockwise, flex, linear, masks, mods, multihead, nn, ring, scores, sparse, viz
 from attention_jax.kernels import flash_gpu, flash_tpu
 from tests.helpers import assert_close, np_mask, np_softmax_attention, randn
 
@@ -35,6 +35,16 @@ def _mesh():
 def _adapter(implementation):
   fn = nn.make_attention_fn(implementation)
   return lambda q, k, v, bias=None, mask=None, **o: fn(q, k, v, bias, mask, **o)
+
+
+def _flex(implementation):
+  """flex_attention with is_causal as a causal mask_mod (its block mask built from the inputs' lengths)."""
+  def fn(q, k, v, is_causal=False, scale=None):
+    bm = None
+    if is_causal and np.ndim(q) >= 3 and np.ndim(k) >= 3:
+      bm = flex.create_block_mask(mods.causal(), None, None, np.shape(q)[-3], np.shape(k)[-3], block_size=8)
+    return flex.flex_attention(q, k, v, None, bm, scale=scale, implementation=implementation)
+  return fn
 
 
 # name -> (callable(q, k, v, **options), the options it takes).
@@ -54,6 +64,10 @@ ATTENTION: dict[str, tuple[Callable, frozenset]] = {
     "ring_attention": (lambda q, k, v, **o: ring.ring_attention(q, k, v, mesh=_mesh(), axis_name="sp", **o),
                        frozenset({"is_causal", "scale", "query_seq_lengths", "key_value_seq_lengths",
                                   "logits_soft_cap"})),
+    "flex/reference": (_flex("reference"), frozenset({"is_causal", "scale"})),
+    "flex/blockwise": (_flex("blockwise"), frozenset({"is_causal", "scale"})),
+    "flex/pallas": (_flex("pallas"), frozenset({"is_causal", "scale"})),
+    "flex/pallas_tpu": (_flex("pallas_tpu"), frozenset({"is_causal", "scale"})),
     "attention_fn/reference": (_adapter("reference"), ALL),
     "attention_fn/blockwise": (_adapter("blockwise"), ALL),
 }
