@@ -44,7 +44,7 @@ from jax import lax
 from attention_jax import _autodiff, _numerics, _tiling, core
 
 # "gather" visits only the pattern's non-empty tiles; "reference" is the dense masked formula (the oracle).
-IMPLEMENTATIONS = ("gather", "reference")
+IMPLEMENTATIONS = ("gather", "flex", "reference")
 # Elements (B * N * rows * gathered keys) of one scan step's logits: 256 KiB of float32.
 _STEP_ELEMENTS = 2**16
 
@@ -634,8 +634,9 @@ def sparse_attention(query, key, value, pattern: Pattern, *, is_causal: bool = F
     is_causal: also require ``j <= i``.
     block_size: query/key tile length, a positive int (BigBird uses its own ``block``). T and S need not be
       multiples of it.
-    implementation: None/"auto" or "gather" (block gather, O(non-empty tiles)); "reference" (the dense masked
-      formula, O(T x S)).
+    implementation: None/"auto" or "gather" (block gather, O(non-empty tiles)); "flex" (the pattern as a mask_mod
+      through :func:`attention_jax.flex.flex_attention` with blocks of ``block_size``: the backend's flex kernel
+      on GPU / TPU, the blockwise path elsewhere); "reference" (the dense masked formula, O(T x S)).
     scale: logit scale, default ``1/sqrt(H)`` (a concrete number for "gather").
     return_residual: also return the logsumexp as ``jax.nn`` does: ``[*B, T, N]``, input dtype, no gradient;
       rows with no visible key report the dtype's most negative finite value.
@@ -652,6 +653,15 @@ def sparse_attention(query, key, value, pattern: Pattern, *, is_causal: bool = F
     # cannot be differentiated in forward mode).
     return sparse_attention_reference(query, key, value, pattern, is_causal=is_causal, block_size=block_size,
                                       scale=scale, return_residual=return_residual)
+  if implementation == "flex":
+    from attention_jax import flex, mods
+    T, S = inp.query.shape[1], inp.key.shape[1]
+    if 0 in (T, S):
+      return sparse_attention_reference(query, key, value, pattern, is_causal=is_causal, block_size=block_size,
+                                        scale=scale, return_residual=return_residual)
+    bm = flex.create_block_mask(mods.from_pattern(pattern, T, S, is_causal=inp.is_causal), None, None, T, S,
+                                block_size=block_size)
+    return flex.flex_attention(query, key, value, None, bm, scale=scale, return_residual=return_residual)
   return core.run_custom(_sparse_core, inp, options=(("pattern", pattern), ("block_size", block_size)),
                          return_residual=return_residual, custom_vjp=False)
 

@@ -309,14 +309,22 @@ def test_bias_array_score_mod_matches_dot_product_bias_and_its_gradient():
   assert_close(g_got, g_want, jnp.float32, kind="grad")
 
 
-@pytest.mark.parametrize("pattern", [sparse.LocalPattern(5), sparse.FixedPattern(8, 2),
-                                     sparse.BigBirdPattern(3, 2, 1, seed=3, block=8)], ids=lambda p: type(p).__name__)
-def test_sparse_patterns_through_flex_match_sparse_attention(pattern):
+@pytest.mark.parametrize("pattern", [
+    sparse.LocalPattern(5), sparse.BigBirdPattern(3, 2, 1, seed=3, block=8),
+    *(pytest.param(p, marks=pytest.mark.slow) for p in (sparse.StridedPattern(7), sparse.FixedPattern(8, 2),
+                                                        sparse.GlobalTokensPattern(4, (0, 30))))],
+    ids=lambda p: type(p).__name__)
+def test_sparse_patterns_through_flex_match_the_gather_path(pattern):
+  """sparse_attention(implementation="flex") (the pattern as a mask_mod) against the block-gather path, forward and
+  gradients, causal."""
   rng = np.random.default_rng(16)
   q, k, v = qkv(rng, B, 48, 48, N, K, H)
-  want = sparse.sparse_attention(q, k, v, pattern, block_size=8, is_causal=True)
-  bm = flex.create_block_mask(mods.from_pattern(pattern, 48, 48, is_causal=True), None, None, 48, 48, block_size=8)
-  assert_close(flex.flex_attention(q, k, v, None, bm, implementation="blockwise"), want, jnp.float32)
+  run = lambda impl: lambda q, k, v: sparse.sparse_attention(q, k, v, pattern, block_size=8, is_causal=True,
+                                                             implementation=impl)
+  assert_close(run("flex")(q, k, v), run("gather")(q, k, v), jnp.float32)
+  loss = lambda f: jax.grad(lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v))), argnums=(0, 1, 2))
+  for g, w in zip(loss(run("flex"))(q, k, v), loss(run("gather"))(q, k, v)):
+    assert_close(g, w, jnp.float32, kind="grad")
 
 
 @pytest.mark.parametrize("name", ["causal", "window", "prefix_lm", "document", "lengths", "strided", "fixed",
