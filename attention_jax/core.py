@@ -514,16 +514,37 @@ def _auto_implementations(inp: AttentionInputs | None) -> tuple[str, ...]:
 def resolve_implementations(implementation: str | Sequence[str] | None, inp: AttentionInputs | None = None
                             ) -> tuple[str, ...]:
   """The implementations to try in order (``ValueError`` for an unknown name)."""
+  return resolve_names(implementation, IMPLEMENTATIONS, _auto_implementations(inp), "")
+
+
+def resolve_names(implementation: str | Sequence[str] | None, choices: Sequence[str], auto: tuple[str, ...],
+                  what: str) -> tuple[str, ...]:
+  """``implementation`` (None/"auto", a name or a sequence of names from ``choices``) as the names to try in order;
+  None/"auto" -> ``auto``. ``ValueError`` naming ``what`` (e.g. "flex_attention ") for an unknown name."""
   if implementation is None or implementation == "auto":
-    return _auto_implementations(inp)
+    return auto
   names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
   if not names:
     raise ValueError("implementation: an empty sequence; name at least one implementation")
   for name in names:
-    if name not in IMPLEMENTATIONS:
-      raise ValueError(f"unknown implementation={name!r}; choose one of {('auto',) + IMPLEMENTATIONS} "
+    if name not in choices:
+      raise ValueError(f"unknown {what}implementation={name!r}; choose one of {('auto',) + tuple(choices)} "
                        "(or a sequence of them)")
   return names
+
+
+def first_that_runs(names: Sequence[str], call: Callable[[str], Any], what: str = "") -> Any:
+  """``call(name)`` for the first of ``names`` that does not raise ``NotImplementedError`` (one name: its error
+  propagates; several: ``UnsupportedError`` listing every refusal)."""
+  errors = []
+  for name in names:
+    try:
+      return call(name)
+    except NotImplementedError as e:
+      if len(names) == 1:
+        raise
+      errors.append(f"{name}: {e}")
+  raise UnsupportedError(f"no {what}implementation takes this call -- " + "; ".join(errors))
 
 
 def resolve_implementation(implementation: str | None, inp: AttentionInputs | None = None) -> str:
@@ -544,16 +565,11 @@ def attention_core(inp: AttentionInputs, implementations: str | Sequence[str] | 
   takes the call, its logsumexp without a gradient (the custom-VJP paths' own ``*_core`` functions differentiate
   it). For library code (ring merges, split-K); users call :func:`dot_product_attention`."""
   names = resolve_implementations(implementations, inp)
-  errors = []
-  for name in names:
-    try:
-      out, lse = _get_impl(name)(inp)
-      return out, jax.lax.stop_gradient(lse)
-    except NotImplementedError as e:
-      if len(names) == 1:
-        raise
-      errors.append(f"{name}: {e}")
-  raise UnsupportedError("no implementation takes this call -- " + "; ".join(errors))
+
+  def call(name):
+    out, lse = _get_impl(name)(inp)
+    return out, jax.lax.stop_gradient(lse)
+  return first_that_runs(names, call)
 
 
 _STATIC_FIELDS = ("scale", "is_causal", "window", "logits_soft_cap", "batch_shape")

@@ -50,7 +50,7 @@ import numpy as np
 from jax import lax
 
 from attention_jax import _autodiff, _numerics, core
-from attention_jax._checks import UnsupportedError, positive_int
+from attention_jax._checks import positive_int
 
 ScoreMod = Callable[..., jax.Array]   # (score, b, n, q_idx, kv_idx) -> score
 MaskModFn = Callable[..., jax.Array]  # (b, n, q_idx, kv_idx) -> bool
@@ -788,17 +788,8 @@ IMPLEMENTATIONS = tuple(_DISPATCH)
 
 def resolve_implementations(implementation: str | Sequence[str] | None) -> tuple[str, ...]:
   """The implementations to try, in order: None/"auto" -> the backend's kernel, "blockwise", "reference"."""
-  if implementation is None or implementation == "auto":
-    kernel = {"gpu": ("pallas",), "tpu": ("pallas_tpu",)}.get(jax.default_backend(), ())
-    return kernel + ("blockwise", "reference")
-  names = (implementation,) if isinstance(implementation, str) else tuple(implementation)
-  if not names:
-    raise ValueError("implementation: an empty sequence; name at least one implementation")
-  for name in names:
-    if name not in IMPLEMENTATIONS:
-      raise ValueError(f"unknown flex_attention implementation={name!r}; choose one of "
-                       f"{('auto',) + IMPLEMENTATIONS} (or a sequence of them)")
-  return names
+  kernel = {"gpu": ("pallas",), "tpu": ("pallas_tpu",)}.get(jax.default_backend(), ())
+  return core.resolve_names(implementation, IMPLEMENTATIONS, kernel + ("blockwise", "reference"), "flex_attention ")
 
 
 def flex_core(f: FlexInputs, implementation: str | Sequence[str] | None = None) -> tuple[jax.Array, jax.Array]:
@@ -807,16 +798,11 @@ def flex_core(f: FlexInputs, implementation: str | Sequence[str] | None = None) 
   consts = () if f.score is None else f.score.consts
   if _autodiff.needs_plain_path(f.query, f.key, f.value, *consts):
     names = ("reference",)   # forward-mode / higher-order: the differentiable formula
-  errors = []
-  for name in names:
+
+  def call(name):
     module, function = _DISPATCH[name]
-    try:
-      return getattr(importlib.import_module(module), function)(f)
-    except NotImplementedError as e:
-      if len(names) == 1:
-        raise
-      errors.append(f"{name}: {e}")
-  raise UnsupportedError("no flex_attention implementation takes this call -- " + "; ".join(errors))
+    return getattr(importlib.import_module(module), function)(f)
+  return core.first_that_runs(names, call, "flex_attention ")
 
 
 def flex_attention(query: jax.typing.ArrayLike, key: jax.typing.ArrayLike, value: jax.typing.ArrayLike,
