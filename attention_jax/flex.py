@@ -307,6 +307,25 @@ class BlockMask:
       mod = or_masks(self.mask_mod, other.mask_mod)
     return BlockMask.from_state(jnp.maximum(self.state(), other.state()), self.seq_lengths, self.block_size, mod)
 
+  def coarsen(self, factor_q: int, factor_k: int) -> BlockMask:
+    """The same mask on blocks ``factor_q`` / ``factor_k`` times larger: a coarse block is empty when all its
+    blocks are, full when all are full and inside the sequences, partial otherwise (``mask_mod`` decides there).
+    Without a ``mask_mod`` a partial block means "every pair of real positions", so only a mask with no empty
+    block can be coarsened (``ValueError`` otherwise)."""
+    fq, fk = positive_int("factor_q", factor_q), positive_int("factor_k", factor_k)
+    state = self.state()
+    if self.mask_mod is None and (isinstance(state, jax.core.Tracer) or bool(jnp.any(state == EMPTY))):
+      raise ValueError("BlockMask.coarsen: a block mask without mask_mod that skips (or may skip) blocks cannot be "
+                       "coarsened (its partial blocks mean every pair is visible)")
+    Bm, Nm, nq, nk = state.shape
+    cq, ck = -(-nq // fq), -(-nk // fk)
+    padded = jnp.pad(state, ((0, 0), (0, 0), (0, cq * fq - nq), (0, ck * fk - nk)))
+    blocks = padded.reshape(Bm, Nm, cq, fq, ck, fk)
+    full = jnp.all(blocks == FULL, axis=(3, 5))
+    state = jnp.where(full, FULL, jnp.where(jnp.any(blocks != EMPTY, axis=(3, 5)), PARTIAL, EMPTY))
+    bq, bk = self.block_size
+    return BlockMask.from_state(state, self.seq_lengths, (bq * fq, bk * fk), self.mask_mod)
+
   def picture(self, b: int = 0, n: int = 0, max_blocks: int = 48) -> str:
     """The block layout of one (batch, head) as text: ``█`` full, ``░`` partial, ``·`` empty (first blocks only)."""
     state = np.asarray(self.state()[min(b, self.shape[0] - 1), min(n, self.shape[1] - 1)])
@@ -352,8 +371,22 @@ def create_block_mask(mask_mod: MaskModFn | None, B: int | None, N: int | None, 
   ``B`` / ``N`` None: the mask does not depend on that axis (``b`` / ``n`` are 0 when it is called). ``mask_mod``
   None: every pair is visible. Works under ``jit`` with ``mask_mod`` closing over traced arrays. A
   :class:`MaskMod` with a block classifier (every mask in :mod:`attention_jax.mods`) is classified per block;
-  any other function is evaluated one query block at a time (``O(Bm Nm block S)`` memory).
+  any other function is evaluated one query block at a time (``O(Bm Nm block S)`` memory). When nothing the mask
+  reads is traced, the block mask is computed eagerly even under ``jit`` (so implementations can plan on it).
   """
+  if not _can_evaluate_eagerly():
+    return _create_block_mask(mask_mod, B, N, T, S, block_size)
+  with jax.ensure_compile_time_eval():
+    return _create_block_mask(mask_mod, B, N, T, S, block_size)
+
+
+def _can_evaluate_eagerly() -> bool:
+  """Whether eager evaluation inside a trace can run: not under an abstract mesh (lowering for another platform),
+  where nothing can execute."""
+  return jax.sharding.get_abstract_mesh().empty
+
+
+def _create_block_mask(mask_mod, B, N, T, S, block_size) -> BlockMask:
   Bm, Nm = _optional_size("B", B), _optional_size("N", N)
   T, S = positive_int("T", T), positive_int("S", S)
   bq, bk = _block_size(block_size)
@@ -756,21 +789,60 @@ def _blockwise_bwd(st: _Static, res, cts):
 _blockwise.defvjp(_blockwise_fwd, _blockwise_bwd)
 
 
+# The blockwise path's largest tile. Measured on a 2-core CPU (docs/BENCHMARKS.md, T = 16384, fwd+bwd): a causal
+# mask runs as fast as dot_product_attention's blockwise path on 512-long tiles and 1.1-1.7x slower on the block
+# mask's default 128-long ones, an element costing about 1.5-1.8x more in a 128 tile than in a 512 tile (smaller
+# matmuls, more loop steps); 16 documents run 1.2x faster on 512 tiles though they compute 1.5x the elements; a
+# 256-wide window is fastest on its own 128 blocks (512 tiles would compute 2.4x the elements).
+MAX_TILE = 512
+# Coarser tiles are taken while they compute at most this many times the elements the block mask's own blocks do.
+MAX_EXTRA_WORK = 1.55
+
+
+def compute_blocks(bm: BlockMask, max_tile: int = MAX_TILE, max_extra_work: float = MAX_EXTRA_WORK) -> BlockMask:
+  """The block mask the blockwise path computes on: ``bm`` coarsened by the largest power-of-two factor that keeps
+  tiles within ``max_tile`` and the computed elements within ``max_extra_work`` times ``bm``'s own. Only a
+  concrete block mask is coarsened (a traced one keeps its blocks: tile sizes are static), and one without
+  ``mask_mod`` only when it skips no block."""
+  if isinstance(bm.kv_num_blocks, jax.core.Tracer) or not _can_evaluate_eagerly():
+    return bm
+  bq, bk = bm.block_size
+  T, S = bm.seq_lengths
+
+  def work(m: BlockMask) -> float:
+    counts = np.asarray(m.kv_num_blocks, np.int64) + np.asarray(m.full_kv_num_blocks, np.int64)
+    return float(counts.sum()) * m.block_size[0] * m.block_size[1]
+
+  best, factor = bm, 2
+  with jax.ensure_compile_time_eval():    # bm is concrete: plan eagerly, even under jit
+    if bm.mask_mod is None and bool(np.any(np.asarray(bm.state()) == EMPTY)):
+      return bm
+    own = work(bm)
+    while max(bq, bk) * factor <= max_tile and (bq * factor // 2 < T or bk * factor // 2 < S):
+      coarse = bm.coarsen(factor, factor)
+      if work(coarse) <= max_extra_work * own:
+        best = coarse
+      factor *= 2
+  return best
+
+
 def blockwise_impl(f: FlexInputs) -> tuple[jax.Array, jax.Array]:
   """``implementation="blockwise"``: online softmax over the listed key blocks of each query block (full blocks
-  without ``mask_mod``), a custom VJP that walks the transposed lists; tiles are the block mask's blocks."""
-  T, S = f.block_mask.seq_lengths
-  bq, bk = f.block_mask.block_size
+  without ``mask_mod``), a custom VJP that walks the transposed lists. Tiles are the block mask's blocks, or
+  multiples of them where that computes little more (:func:`compute_blocks`)."""
+  bm = compute_blocks(f.block_mask, MAX_TILE, MAX_EXTRA_WORK)
+  T, S = bm.seq_lengths
+  bq, bk = bm.block_size
   scale = _numerics.static_float("scale", f.scale, path="flex_attention's blockwise path")
   st = _Static(scale, T, S, bq, bk, f.query.shape[2] // f.key.shape[2],
                None if f.score is None else f.score.fn, None if f.mask is None else f.mask.fn,
                _numerics.compute_dtype(f.query.dtype), _numerics.matmul_precision(f.query.dtype),
-               f.block_mask.shape[0] > 1, f.block_mask.shape[1] > 1)
+               bm.shape[0] > 1, bm.shape[1] > 1)
   sc = () if f.score is None else f.score.consts
   mc = () if f.mask is None else f.mask.consts
   # A non-finite q or k row makes every logit it touches NaN, whatever the sign an Inf would give it.
   q, k = _numerics.nan_rows(f.query), _numerics.nan_rows(f.key)
-  return _blockwise(st, q, k, f.value, tuple(sc), tuple(mc), f.block_mask)
+  return _blockwise(st, q, k, f.value, tuple(sc), tuple(mc), bm)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -305,6 +305,8 @@ def alibi_slopes(num_heads: int) -> np.ndarray:
 def alibi(slopes) -> Callable:
   """ALiBi (Press et al. 2022): ``score - slopes[n] * |q_idx - kv_idx|`` (the causal form's ``m (j - i)`` for
   ``j <= i``, symmetric beyond). ``slopes`` ``[N]`` may be learned: gradients reach it."""
+  slopes = jnp.asarray(slopes)
+
   def score_mod(score, b, n, i, j):
     return score - slopes[n] * jnp.abs(i - j).astype(score.dtype)
   return score_mod
@@ -336,6 +338,7 @@ def relative_position_bias(table, *, bidirectional: bool = True, max_distance: i
   """T5's relative position bias: ``score + table[bucket(kv_idx - q_idx), n]`` with ``table [num_buckets, N]``
   (learned: gradients reach it)."""
   num_buckets = int(np.shape(table)[0])
+  table = jnp.asarray(table)
 
   def score_mod(score, b, n, i, j):
     bucket = relative_bucket(j - i, num_buckets=num_buckets, bidirectional=bidirectional, max_distance=max_distance)

@@ -1,7 +1,8 @@
 """Flax NNX modules and ``attention_fn`` adapters for ``flax.nnx`` / ``flax.linen`` attention layers.
 
 * :func:`make_attention_fn` turns any of our implementations into an ``attention_fn=`` for
-  ``flax.nnx.MultiHeadAttention`` and ``flax.linen.MultiHeadDotProductAttention``;
+  ``flax.nnx.MultiHeadAttention`` and ``flax.linen.MultiHeadDotProductAttention``; ``make_attention_fn("flex",
+  score_mod=..., mask_mod=...)`` runs :func:`attention_jax.flex.flex_attention` with mods (ALiBi, document masks);
 * :class:`MultiHeadAttention` is an NNX module with the parameter layout of ``flax.nnx.MultiHeadAttention``
   (weights copy across) whose backend is chosen by ``implementation=``;
 * :class:`AdditiveAttention` (Bahdanau) and :class:`LuongAttention` (dot / general / concat) are the classic
@@ -101,6 +102,26 @@ def _check_implementation(implementation) -> None:
   core.resolve_implementations(tuple(implementation))
 
 
+def _cast_inputs(query, key, value, dtype) -> tuple[jax.Array, jax.Array, jax.Array, Any]:
+  """``query, key, value`` cast to ``dtype`` (default: their common dtype), complex refused before any cast."""
+  query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
+  if dtype is None:
+    dtype = jnp.result_type(query, key, value)
+  for name, dt in (("query", query.dtype), ("key", key.dtype), ("value", value.dtype), ("dtype", jnp.dtype(dtype))):
+    if jnp.issubdtype(dt, jnp.complexfloating):   # refused before any cast could drop the imaginary part
+      raise ValueError(f"attention_fn: {name} is complex ({dt}): softmax attention needs real logits, so "
+                       "complex inputs are refused")
+  return (*(x.astype(dtype) for x in (query, key, value)), dtype)
+
+
+def _bool_mask(mask) -> jax.Array | None:
+  """Flax masks may be float (nonzero = attend): a boolean mask, or None."""
+  if mask is None:
+    return None
+  mask = jnp.asarray(mask)
+  return mask if mask.dtype == jnp.bool_ else mask != 0
+
+
 def make_attention_fn(implementation: str | Sequence[str] | None = None, **options) -> Callable[..., jax.Array]:
   """An ``attention_fn`` for ``flax.nnx.MultiHeadAttention`` / ``flax.linen.MultiHeadDotProductAttention``.
 
@@ -118,7 +139,22 @@ def make_attention_fn(implementation: str | Sequence[str] | None = None, **optio
   weights are in ``dtype``, or float32 under ``force_fp32_for_softmax=True``. ``precision`` is accepted; our
   reference already computes at the highest precision. Rows with no visible key give zeros (flax: the mean of
   the values). Complex inputs are refused on purpose with a ``ValueError``: softmax needs real logits.
+
+  ``implementation="flex"`` runs :func:`attention_jax.flex.flex_attention` instead, with the options
+  ``score_mod(score, b, n, q_idx, kv_idx)``, ``mask_mod(b, n, q_idx, kv_idx)`` (e.g. from
+  :mod:`attention_jax.mods`), ``block_size`` (default 128), ``flex_implementation`` (flex_attention's
+  ``implementation``) and ``scale``. The block mask is built per call (under ``jit`` too) by
+  :func:`attention_jax.flex.create_block_mask`, with tiles of at most the sequence lengths, per batch element /
+  head only when a mod reads ``b`` / ``n``. What flax passes per call joins the mods: a ``mask`` array becomes a
+  ``mask_mod`` reading it, ``and``-ed with ``mask_mod``; ``is_causal=True`` adds ``mods.causal()``; a ``bias``
+  array is added after ``score_mod`` (as ``logits_soft_cap`` comes before ``bias`` here) and receives gradients.
+  flex_attention never forms the weights: attention dropout (``dropout_rate > 0``, not ``deterministic``) and
+  ``module=`` raise ``ValueError``; sequence lengths and segment ids are refused too (write them as a
+  ``mask_mod``: ``mods.lengths``, ``mods.document``). A ``bias`` of ``-inf`` gives weight 0 but, unlike a mask,
+  does not hide non-finite values.
   """
+  if isinstance(implementation, str) and implementation == "flex":
+    return _flex_attention_fn(**options)
   _check_implementation(implementation)
   unknown = set(options) - set(_CALL_OPTIONS)
   if unknown:
@@ -145,17 +181,8 @@ def make_attention_fn(implementation: str | Sequence[str] | None = None, **optio
       raise ValueError("attention_fn: custom einsum modules (qk_attn_weights_einsum / attn_weights_value_einsum) "
                        "are not supported by attention_jax backends")
     dropout_rate = _check_rate("attention_fn: dropout_rate", dropout_rate)
-    query, key, value = jnp.asarray(query), jnp.asarray(key), jnp.asarray(value)
-    if dtype is None:
-      dtype = jnp.result_type(query, key, value)
-    for name, dt in (("query", query.dtype), ("key", key.dtype), ("value", value.dtype), ("dtype", jnp.dtype(dtype))):
-      if jnp.issubdtype(dt, jnp.complexfloating):   # refused before any cast could drop the imaginary part
-        raise ValueError(f"attention_fn: {name} is complex ({dt}): softmax attention needs real logits, so "
-                         "complex inputs are refused")
-    query, key, value = (x.astype(dtype) for x in (query, key, value))
-    if mask is not None:
-      mask = jnp.asarray(mask)
-      mask = mask if mask.dtype == jnp.bool_ else mask != 0
+    query, key, value, dtype = _cast_inputs(query, key, value, dtype)
+    mask = _bool_mask(mask)
     kwargs = {**options, **call_options}
     needs_dropout = not deterministic and dropout_rate > 0.0
     if not (needs_dropout or module is not None):
@@ -184,6 +211,109 @@ def make_attention_fn(implementation: str | Sequence[str] | None = None, **optio
     return out
 
   attention_fn.implementation = implementation
+  return attention_fn
+
+
+# Options make_attention_fn("flex", ...) takes.
+_FLEX_OPTIONS = ("score_mod", "mask_mod", "block_size", "flex_implementation", "scale")
+
+
+def _uses_argument(fn: Callable, num_args: int, index: int) -> bool:
+  """Whether ``fn(*int32 scalars)`` reads argument ``index`` (conservatively: it appears in any equation)."""
+  zero = jnp.zeros((), jnp.int32)
+  jaxpr = jax.make_jaxpr(fn)(*(zero,) * num_args).jaxpr
+  var = jaxpr.invars[index]
+  return any(var is x for eqn in jaxpr.eqns for x in eqn.invars) or any(var is x for x in jaxpr.outvars)
+
+
+def _at(array_BNTS: jax.Array, b, n, q_idx, kv_idx) -> jax.Array:
+  """``array[b, n, q_idx, kv_idx]`` of a rank-4 array that may have size 1 (broadcast) along any axis."""
+  idx = tuple(i if size > 1 else 0 for i, size in zip((b, n, q_idx, kv_idx), array_BNTS.shape))
+  return array_BNTS[idx]
+
+
+def _flex_attention_fn(*, score_mod: Callable | None = None, mask_mod: Callable | None = None,
+                       block_size: int | tuple[int, int] = 128,
+                       flex_implementation: str | Sequence[str] | None = None, scale: float | None = None,
+                       **unknown) -> Callable[..., jax.Array]:
+  """``make_attention_fn("flex", ...)``: an ``attention_fn`` running :func:`attention_jax.flex.flex_attention`
+  (see :func:`make_attention_fn`)."""
+  from attention_jax import flex
+  if unknown:
+    raise ValueError(f"make_attention_fn('flex'): unknown options {sorted(unknown)}; allowed: {_FLEX_OPTIONS}")
+  if score_mod is not None and not callable(score_mod):
+    raise TypeError(f"make_attention_fn('flex'): score_mod must be callable (score, b, n, q_idx, kv_idx) -> score; "
+                    f"got {score_mod!r}")
+  if mask_mod is not None and not callable(mask_mod):
+    raise TypeError(f"make_attention_fn('flex'): mask_mod must be callable (b, n, q_idx, kv_idx) -> bool; got "
+                    f"{mask_mod!r}")
+  context = "make_attention_fn('flex')"
+  if isinstance(block_size, (tuple, list)):
+    if len(block_size) != 2:
+      raise ValueError(f"{context}: block_size must be an int or (query block, key block); got {block_size!r}")
+    bq, bk = (positive_int(f"block_size[{i}]", x, context=context) for i, x in enumerate(block_size))
+  else:
+    bq = bk = positive_int("block_size", block_size, context=context)
+  flex.resolve_implementations(flex_implementation)
+  if scale is not None:
+    x = jnp.zeros((1, 1, 1, 1), jnp.float32)
+    try:
+      core.prepare_inputs(x, x, x, scale=scale)
+    except (TypeError, ValueError) as e:
+      raise ValueError(f"make_attention_fn('flex'): bad scale={scale!r}: {e}") from None
+  # Which of (b, n) the user's mask reads, found once (a mod that reads neither is classified once per call).
+  mask_reads = (False, False) if mask_mod is None else (_uses_argument(mask_mod, 4, 0),
+                                                        _uses_argument(mask_mod, 4, 1))
+
+  def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout: bool = True, dropout_rng=None,
+                   dropout_rate: float = 0.0, deterministic: bool = False, dtype=None, precision=None, module=None,
+                   is_causal: bool = False, force_fp32_for_softmax: bool = False, qk_attn_weights_einsum=None,
+                   attn_weights_value_einsum=None, **call_options):
+    del broadcast_dropout, dropout_rng, precision, force_fp32_for_softmax
+    if call_options:
+      raise ValueError(f"attention_fn (flex): unsupported arguments {sorted(call_options)}; express sequence "
+                       "lengths or segments as a mask_mod (attention_jax.mods.lengths / mods.document)")
+    if qk_attn_weights_einsum is not None or attn_weights_value_einsum is not None:
+      raise ValueError("attention_fn: custom einsum modules (qk_attn_weights_einsum / attn_weights_value_einsum) "
+                       "are not supported by attention_jax backends")
+    dropout_rate = _check_rate("attention_fn: dropout_rate", dropout_rate)
+    if not deterministic and dropout_rate > 0.0:
+      raise ValueError(f"attention_fn (flex): attention dropout (dropout_rate={dropout_rate}, deterministic=False) "
+                       "needs the attention weights, which flex_attention never forms; set dropout_rate=0 or "
+                       "deterministic=True, or use implementation='reference'")
+    if module is not None:
+      raise ValueError("attention_fn (flex): sow_weights needs the attention weights, which flex_attention never "
+                       "forms; use implementation='reference'")
+    query, key, value, _ = _cast_inputs(query, key, value, dtype)
+    inp = core.prepare_inputs(query, key, value, bias, _bool_mask(mask), scale=scale)
+    B, T, N, _ = inp.query.shape
+    S = inp.key.shape[1]
+    mods_and = [] if mask_mod is None else [mask_mod]
+    by_b, by_n = mask_reads
+    if is_causal:
+      from attention_jax import mods
+      mods_and.append(mods.causal())
+    if inp.mask is not None:
+      mask_BNTS = inp.mask
+      mods_and.append(lambda b, n, q_idx, kv_idx: _at(mask_BNTS, b, n, q_idx, kv_idx))
+      by_b, by_n = by_b or mask_BNTS.shape[0] > 1, by_n or mask_BNTS.shape[1] > 1
+    block_mask = None
+    if mods_and:
+      combined = mods_and[0] if len(mods_and) == 1 else flex.and_masks(*mods_and)
+      block_mask = flex.create_block_mask(combined, B if by_b else None, N if by_n else None, T, S,
+                                          block_size=(min(bq, T), min(bk, S)))
+    score = score_mod
+    if inp.bias is not None:
+      bias_BNTS = inp.bias
+
+      def score(s, b, n, q_idx, kv_idx):   # score_mod first, then the bias (as core: soft cap before bias)
+        s = s if score_mod is None else score_mod(s, b, n, q_idx, kv_idx)
+        return s + _at(bias_BNTS, b, n, q_idx, kv_idx).astype(s.dtype)
+    out = flex.flex_attention(inp.query, inp.key, inp.value, score, block_mask, scale=inp.scale,
+                              implementation=flex_implementation)
+    return core.restore_batch(out, inp)
+
+  attention_fn.implementation = "flex"
   return attention_fn
 
 

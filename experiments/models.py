@@ -3,7 +3,9 @@
 ``TransformerLM(vocab_size, d_model, num_heads, num_layers, max_len, attention="softmax", causal=True)`` maps
 tokens ``[B, T]`` to next-token logits ``[B, T, vocab]``; with ``num_classes`` it mean-pools the final states
 over non-padding tokens and returns class logits ``[B, num_classes]`` (ListOps). Learned absolute position
-embeddings, pre-LayerNorm blocks with a GELU MLP, untied output head.
+embeddings (``positions="learned"``, a ``[max_len, d_model]`` table) or none (``positions="none"``: ALiBi, NoPE;
+the model then takes any length), by default as the variant says (``variants.learned_positions``);
+pre-LayerNorm blocks with a GELU MLP, untied output head.
 
 ``model(tokens, return_attention=True)`` also returns each layer's attention weights ``[B, N, T, T]`` — only for
 the softmax variants, which form them (the others raise).
@@ -17,6 +19,8 @@ from flax import nnx
 
 import attention_jax as aj
 from experiments import variants
+
+POSITIONS = ("learned", "none")
 
 
 class SelfAttention(nnx.Module):
@@ -72,9 +76,17 @@ class TransformerLM(nnx.Module):
 
   def __init__(self, vocab_size: int, d_model: int, num_heads: int, num_layers: int, max_len: int, *,
                attention: str = "softmax", causal: bool = True, mlp_ratio: int = 4, num_kv_heads: int | None = None,
-               num_classes: int | None = None, pad_id: int = 0, rngs: nnx.Rngs):
+               num_classes: int | None = None, pad_id: int = 0, positions: str | None = None, rngs: nnx.Rngs):
+    if positions is None:
+      positions = "learned" if variants.learned_positions(attention) else "none"
+    if positions not in POSITIONS:
+      raise ValueError(f"positions must be one of {POSITIONS} (or None: as the variant says); got {positions!r}")
     self.embed = nnx.Embed(vocab_size, d_model, rngs=rngs)
-    self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
+    self.positions = positions
+    if positions == "learned":
+      self.pos = nnx.Param(0.02 * jax.random.normal(rngs.params(), (max_len, d_model)))
+    else:
+      self.pos = None
     self.blocks = nnx.List([Block(d_model, num_heads, attention=attention, causal=causal, mlp_ratio=mlp_ratio,
                                   num_kv_heads=num_kv_heads, rngs=rngs) for _ in range(num_layers)])
     self.ln_f = nnx.LayerNorm(d_model, rngs=rngs)
@@ -83,9 +95,12 @@ class TransformerLM(nnx.Module):
 
   def __call__(self, tokens_BT: jax.Array, *, return_attention: bool = False):
     B, T = tokens_BT.shape
-    if T > self.max_len:
-      raise ValueError(f"sequence length {T} exceeds max_len={self.max_len}; tokens.shape={tokens_BT.shape}")
-    x = self.embed(tokens_BT) + self.pos[...][None, :T]
+    x = self.embed(tokens_BT)
+    if self.positions == "learned":
+      if T > self.max_len:
+        raise ValueError(f"sequence length {T} exceeds max_len={self.max_len} (the learned position table); "
+                         f"tokens.shape={tokens_BT.shape}")
+      x = x + self.pos[...][None, :T]
     weights = []
     for block in self.blocks:
       x, w = block(x, return_attention)

@@ -15,6 +15,15 @@ A spec is ``"name"`` or ``"name:arg"``; :func:`make_attention` returns ``fn(q, k
                           (default: 128, or a quarter of a short sequence)
   ring[:IMPL]             ring attention, sequence sharded over every device (attention_jax.ring);
                           IMPL = per-shard compute, blockwise or pallas (default: by platform)
+  flex[:IMPL]             softmax attention through attention_jax.flex.flex_attention (causal: mods.causal());
+                          IMPL = flex_attention's implementation (default: the backend's kernel, then blockwise)
+  alibi[:IMPL]            flex_attention with ALiBi (Press et al. 2022): score - m_n |i - j|, the paper's fixed
+                          geometric slopes m_n = 2^(-8n/N) per head, causal mask_mod; no position embeddings
+  nope                    softmax attention (reference) with no position embeddings at all (NoPE)
+
+:func:`learned_positions` says whether a variant's model adds learned absolute position embeddings (every variant
+but ``alibi`` and ``nope``). A document-masking variant is not offered: no task here packs documents into one
+sequence (``mods.document`` is for that).
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import jax
+import jax.numpy as jnp
 
 import attention_jax as aj
 
@@ -34,6 +44,11 @@ SOFTMAX_KINDS = ("softmax", "reference", "xla", "cudnn", "blockwise", "pallas")
 DENSE_KINDS = tuple(k for k in SOFTMAX_KINDS if k not in ("blockwise", "pallas")) + ("xla_local",)
 SPARSE_KINDS = ("local", "strided", "fixed", "bigbird")
 ALL = ("softmax", "blockwise", "pallas", "linear_elu", "linear_relu", "favor", *SPARSE_KINDS)
+# Variants whose model has no learned absolute position embeddings (ALiBi encodes distance in the logits).
+NO_POSITION_KINDS = ("alibi", "nope")
+FLEX_KINDS = ("flex", "alibi")
+# Tile size of the flex variants (capped at the sequence lengths).
+_FLEX_BLOCK = 128
 
 
 def parse(spec: str) -> tuple[str, str | None]:
@@ -41,6 +56,26 @@ def parse(spec: str) -> tuple[str, str | None]:
   if "@" in name:
     name, _, arg = name.partition("@")
   return name, (arg or None)
+
+
+def learned_positions(spec: str) -> bool:
+  """Whether the model of variant ``spec`` adds learned absolute position embeddings to its tokens."""
+  return parse(spec)[0] not in NO_POSITION_KINDS
+
+
+def _flex_variant(name: str, implementation: str | None, block_size: int | None) -> AttentionFn:
+  """``flex`` / ``alibi``: flex_attention with a causal block mask (built per call) and ALiBi's score_mod."""
+  from attention_jax import flex, mods
+
+  def flex_fn(q, k, v, is_causal=False):
+    T, S, N = q.shape[1], k.shape[1], q.shape[2]
+    score_mod = mods.alibi(jnp.asarray(mods.alibi_slopes(N))) if name == "alibi" else None
+    block_mask = None
+    if is_causal:
+      size = block_size or _FLEX_BLOCK
+      block_mask = flex.create_block_mask(mods.causal(), None, None, T, S, block_size=(min(size, T), min(size, S)))
+    return flex.flex_attention(q, k, v, score_mod, block_mask, implementation=implementation)
+  return flex_fn
 
 
 def make_attention(spec: str, *, seed: int = 0, block_size: int | None = None) -> AttentionFn:
@@ -56,6 +91,11 @@ def make_attention(spec: str, *, seed: int = 0, block_size: int | None = None) -
                                                                             chunk_sizes=sizes)
     return lambda q, k, v, is_causal=False: aj.dot_product_attention(q, k, v, is_causal=is_causal,
                                                                       implementation=impl)
+  if name in FLEX_KINDS:
+    return _flex_variant(name, arg, block_size)
+  if name == "nope":
+    return lambda q, k, v, is_causal=False: aj.dot_product_attention(q, k, v, is_causal=is_causal,
+                                                                      implementation="reference")
   if name == "xla_local":
     w = int(arg or 256)
     return lambda q, k, v, is_causal=False: aj.dot_product_attention(

@@ -6,7 +6,8 @@ import shlex
 import pytest
 from absl import app, flags
 
-from experiments import analyze_heads, bench_kernels, compare, mask_agreement, scaling, seq2seq_alignment, tune_blocks
+from experiments import (analyze_heads, bench_kernels, compare, extrapolation, mask_agreement, scaling,
+                         seq2seq_alignment, tune_blocks)
 from experiments import config as config_lib
 from experiments.config import setting
 
@@ -106,6 +107,7 @@ EXPERIMENTS = {
     "mask_agreement": (mask_agreement.MaskAgreementConfig, None, None),
     "seq2seq_alignment": (seq2seq_alignment.Config, seq2seq_alignment.PRESETS, seq2seq_alignment.WORKDIR),
     "analyze_heads": (analyze_heads.HeadsConfig, analyze_heads.PRESETS, analyze_heads.WORKDIR),
+    "extrapolation": (extrapolation.Config, extrapolation.PRESETS, extrapolation.WORKDIR),
 }
 
 # The command lines of README.md, docs/*.md, the module docstrings and gpu_check.sh, with what they must mean
@@ -171,6 +173,19 @@ DOCUMENTED = [
                                                                                   workdir="/tmp/heads_mqar")),
     ("analyze_heads", "", dict(workdir="/tmp/analyze_heads", reuse=False)),
     ("analyze_heads", "--workdir=/tmp/heads --reuse", dict(reuse=True, workdir="/tmp/heads")),
+    ("extrapolation", "", dict(seeds=(0,), train_len=32, eval_factors=(1, 2, 4),
+                               workdir="/tmp/attention_jax_extrapolation")),
+    ("extrapolation", "--preset=smoke", dict(train_len=8, steps=4)),
+    ("extrapolation", "--preset=full --workdir=docs/results/extrapolation", dict(seeds=(0, 1, 2),
+                                                                                 workdir="docs/results/extrapolation")),
+    ("scaling", "--variants=flex:none,flex:window=256,flex:causal,dpa:causal,flex:docs=16 --seq_lens=16384 "
+     "--modes=fwd_bwd --out=docs/scaling_flex_cpu.json", dict(variants=("flex:none", "flex:window=256", "flex:causal",
+                                                                       "dpa:causal", "flex:docs=16"),
+                                                             flex_block_size=128, modes=("fwd_bwd",))),
+    ("bench_kernels", "--implementations=pallas,flex --causal=true --seq_lens=16384 --repeats=5",
+     dict(implementations=("pallas", "flex"), causal=(True,))),
+    ("bench_kernels", "--implementations=flex,flex:window=1024 --causal=true --seq_lens=32768 --repeats=5",
+     dict(implementations=("flex", "flex:window=1024"), seq_lens=(32768,))),
 ]
 
 

@@ -413,3 +413,38 @@ def test_errors_name_the_shapes():
     flex.flex_attention(q, k[..., :4], v)
   with pytest.raises(ValueError, match="do not match"):
     flex.create_block_mask(mods.document(np.zeros(10, np.int32)), None, None, 16, 12)
+
+
+def test_blockwise_coarsens_concrete_masks_only_where_it_computes_little_more(monkeypatch):
+  """compute_blocks: causal goes to 512-long tiles, a narrow window keeps its blocks, a traced mask keeps its
+  blocks; coarsening keeps the mask exact (partial coarse blocks evaluate mask_mod) and the results equal."""
+  causal = flex.create_block_mask(mods.causal(), None, None, 4096, 4096)
+  assert flex.compute_blocks(causal).block_size == (512, 512)
+  window = flex.create_block_mask(mods.causal() & mods.sliding_window((64, 0)), None, None, 4096, 4096)
+  assert flex.compute_blocks(window).block_size == (128, 128)
+  small = flex.create_block_mask(mods.sliding_window((3, 0)) & mods.causal(), None, None, 37, 29, block_size=4)
+  coarse = small.coarsen(2, 4)
+  fine = np.asarray(small.state()[0, 0])
+  padded = np.zeros((10, 8), np.int8)
+  padded[:fine.shape[0], :fine.shape[1]] = fine
+  blocks = padded.reshape(5, 2, 2, 4).transpose(0, 2, 1, 3).reshape(5, 2, 8)
+  want = np.where((blocks == 2).all(-1), 2, np.where((blocks != 0).any(-1), 1, 0))
+  np.testing.assert_array_equal(np.asarray(coarse.state()[0, 0]), want)
+  assert coarse.block_size == (8, 16)
+  rng = np.random.default_rng(20)
+  q, k, v = qkv(rng, B, 37, 29, N, K, H)
+  run = lambda bm: flex.flex_attention(q, k, v, mods.alibi(jnp.ones(N)), bm, implementation="blockwise")
+  monkeypatch.setattr(flex, "MAX_TILE", 4)      # the block mask's own blocks
+  out_fine = run(small)
+  monkeypatch.setattr(flex, "MAX_EXTRA_WORK", 100.0)
+  monkeypatch.setattr(flex, "MAX_TILE", 32)     # as coarse as it goes
+  assert flex.compute_blocks(small, flex.MAX_TILE, flex.MAX_EXTRA_WORK).block_size == (32, 32)
+  assert_close(run(small), out_fine, jnp.float32)
+  assert_close(run(coarse), out_fine, jnp.float32)
+
+  @jax.jit
+  def traced(ids):
+    bm = flex.create_block_mask(mods.document(ids), None, None, 64, 64, block_size=8)
+    assert flex.compute_blocks(bm).block_size == (8, 8)
+    return ids
+  traced(jnp.zeros(64, jnp.int32))

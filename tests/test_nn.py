@@ -393,3 +393,144 @@ class AdapterContractTest(parameterized.TestCase):
       m(jnp.ones((2, 3, 16)), inputs_v=jnp.ones((2, 3, 10)))
     with self.assertRaisesRegex(ValueError, "unsupported arguments"):
       m(jnp.ones((2, 3, 16)), jnp.ones((2, 3, 10)), segment_ids=jnp.zeros((2, 3), jnp.int32))
+
+
+def np_alibi_bias(num_heads: int, T: int, S: int) -> np.ndarray:
+  """ALiBi's bias ``[1, N, T, S]`` written from the paper (slopes 2^(-8 i / N), i = 1..N; N a power of two)."""
+  slopes = 2.0 ** (-8.0 * np.arange(1, num_heads + 1) / num_heads)
+  distance = np.abs(np.arange(T)[:, None] - np.arange(S)[None, :])
+  return (-slopes[:, None, None] * distance)[None].astype(np.float32)
+
+
+def with_bias(attention_fn, bias, **fixed):
+  """An attention_fn that adds a fixed bias array (and fixed keywords) to every call."""
+  def fn(query, key, value, mask=None, **kw):
+    return attention_fn(query, key, value, bias, mask, **{**kw, **fixed})
+  return fn
+
+
+class FlexAdapterTest(parameterized.TestCase):
+  """make_attention_fn("flex", score_mod=..., mask_mod=...) against the reference adapter given the same logits
+  as a bias array and masks."""
+
+  def setUp(self):
+    super().setUp()
+    from attention_jax import mods
+    self.mods = mods
+    self.alibi = mods.alibi(jnp.asarray(mods.alibi_slopes(4)))
+
+  @parameterized.parameters("blockwise", "reference")
+  def test_nnx_alibi_causal_equals_bias_reference(self, flex_implementation):
+    x = randn(np.random.default_rng(30), (2, 11, 16))
+    bias = jnp.asarray(np_alibi_bias(4, 11, 11))
+    flex_fn = aj.nn.make_attention_fn("flex", score_mod=self.alibi, mask_mod=self.mods.causal(), block_size=4,
+                                      flex_implementation=flex_implementation)
+    ref = flax_mha(with_bias(aj.nn.make_attention_fn("reference"), bias, is_causal=True))
+    ours = flax_mha(flex_fn)
+    copy_weights(ref, ours)
+    assert_close(ours(x), ref(x))
+    assert_close(nnx.jit(lambda m, x: m(x))(ours, x), ref(x))
+    # Gradients w.r.t. every parameter agree too (the blockwise path has its own backward).
+    loss = lambda m: jnp.sum(jnp.sin(m(x)))
+    g_ours, g_ref = nnx.grad(loss)(ours), nnx.grad(loss)(ref)
+    for a, b in zip(jax.tree.leaves(g_ours), jax.tree.leaves(g_ref)):
+      assert_close(a, b, kind="grad")
+
+  def test_nnx_flax_mask_and_is_causal_join_the_mask_mod(self):
+    """A padding mask from flax and is_causal=True are and-ed with the adapter's own mask_mod (a window)."""
+    r = np.random.default_rng(31)
+    x = randn(r, (2, 10, 16))
+    keep = jnp.asarray([[1] * 10, [1] * 7 + [0] * 3])
+    mask = nnx.make_attention_mask(keep, keep)                       # float, [2, 1, 10, 10]
+    bias = jnp.asarray(np_alibi_bias(4, 10, 10))
+    window = np.abs(np.arange(10)[:, None] - np.arange(10)[None, :]) <= 3
+    ref_mask = jnp.logical_and(mask != 0, jnp.asarray(window)[None, None])
+    flex_fn = aj.nn.make_attention_fn("flex", score_mod=self.alibi, mask_mod=self.mods.sliding_window(3),
+                                      block_size=4)
+    ref = flax_mha(aj.nn.make_attention_fn("reference"))
+    ours = flax_mha(flex_fn)
+    copy_weights(ref, ours)
+    want = with_bias(ref.attention_fn, bias)
+    ref.attention_fn = lambda q, k, v, mask=None, **kw: want(q, k, v, mask=ref_mask, **kw)
+    got = ours(x, mask=mask, is_causal=True)
+    assert_close(got[:, :7], ref(x, is_causal=True)[:, :7])
+    assert_close(got[0], ref(x, is_causal=True)[0])
+
+  def test_bias_array_is_added_and_gets_gradients(self):
+    r = np.random.default_rng(32)
+    q, k, v = randn(r, (2, 6, 2, 8)), randn(r, (2, 9, 2, 8)), randn(r, (2, 9, 2, 8))
+    bias = randn(r, (2, 1, 6, 9))
+    soft_cap = lambda s, b, n, i, j: 5.0 * jnp.tanh(s / 5.0)
+    flex_fn = aj.nn.make_attention_fn("flex", score_mod=soft_cap, block_size=4)
+    ref_fn = aj.nn.make_attention_fn("reference", logits_soft_cap=5.0)
+    assert_close(flex_fn(q, k, v, bias), ref_fn(q, k, v, bias))
+    loss = lambda fn: lambda q, bias: jnp.sum(jnp.sin(fn(q, k, v, bias)))
+    for a, b in zip(jax.grad(loss(flex_fn), (0, 1))(q, bias), jax.grad(loss(ref_fn), (0, 1))(q, bias)):
+      assert_close(a, b, kind="grad")
+
+  def test_mask_mod_reading_the_batch_index_under_jit(self):
+    """A document mask (ids per batch row, traced under jit) equals segment ids in the reference."""
+    r = np.random.default_rng(33)
+    q, k, v = (randn(r, (2, 12, 4, 8)) for _ in range(3))
+    doc = jnp.asarray([[0] * 5 + [1] * 7, [0] * 9 + [1] * 3], jnp.int32)
+
+    @jax.jit
+    def run(q, k, v, doc):
+      fn = aj.nn.make_attention_fn("flex", mask_mod=self.mods.document(doc), block_size=4)
+      return fn(q, k, v, is_causal=True)
+    want = aj.reference_attention(q, k, v, is_causal=True, q_segment_ids=doc, kv_segment_ids=doc)
+    assert_close(run(q, k, v, doc), want)
+
+  def test_batch_dims_and_gqa(self):
+    r = np.random.default_rng(34)
+    q, k, v = randn(r, (2, 3, 7, 4, 8)), randn(r, (2, 3, 7, 2, 8)), randn(r, (2, 3, 7, 2, 8))
+    fn = aj.nn.make_attention_fn("flex", score_mod=self.alibi, mask_mod=self.mods.causal(), block_size=4)
+    bias = jnp.asarray(np_alibi_bias(4, 7, 7))
+    assert_close(fn(q, k, v), aj.reference_attention(q, k, v, bias, is_causal=True))
+    assert_close(fn(q[0, 0], k[0, 0], v[0, 0]), aj.reference_attention(q, k, v, bias, is_causal=True)[0, 0])
+
+  def test_linen_adapter(self):
+    x = randn(np.random.default_rng(35), (2, 9, 16))
+    mask = linen.make_causal_mask(jnp.ones((2, 9)))
+    bias = jnp.asarray(np_alibi_bias(4, 9, 9))
+    ref = linen.MultiHeadDotProductAttention(
+        num_heads=4, qkv_features=16, attention_fn=with_bias(aj.nn.make_attention_fn("reference"), bias))
+    ours = linen.MultiHeadDotProductAttention(
+        num_heads=4, qkv_features=16, attention_fn=aj.nn.make_attention_fn("flex", score_mod=self.alibi))
+    params = ref.init(jax.random.key(0), x, mask=mask)
+    assert_close(ours.apply(params, x, mask=mask), ref.apply(params, x, mask=mask))
+
+  def test_our_module_takes_flex_options(self):
+    x = randn(np.random.default_rng(36), (2, 6, 16))
+    ours = aj.nn.MultiHeadAttention(4, 16, implementation="flex", score_mod=self.alibi, rngs=nnx.Rngs(0))
+    ref = aj.nn.MultiHeadAttention(4, 16, implementation="reference", rngs=nnx.Rngs(0))
+    bias = jnp.asarray(np_alibi_bias(4, 6, 6))
+    assert_close(ours(x, is_causal=True), ref(x, bias=bias, is_causal=True))
+
+  def test_dropout_and_sow_refused(self):
+    x = randn(np.random.default_rng(37), (2, 6, 16))
+    m = flax_mha(aj.nn.make_attention_fn("flex", mask_mod=self.mods.causal()), dropout_rate=0.1)
+    chex.assert_tree_all_finite(m(x, deterministic=True))
+    with self.assertRaisesRegex(ValueError, r"dropout \(dropout_rate=0.1, deterministic=False\).*never forms"):
+      m(x, deterministic=False)
+    with self.assertRaisesRegex(ValueError, "sow_weights .*flex_attention never forms"):
+      m(x, deterministic=True, sow_weights=True)
+
+  def test_bad_options(self):
+    with self.assertRaisesRegex(ValueError, r"make_attention_fn\('flex'\): unknown options \['is_causal'\]"):
+      aj.nn.make_attention_fn("flex", is_causal=True)
+    with self.assertRaisesRegex(ValueError, "block_size must be a positive int; got block_size=0"):
+      aj.nn.make_attention_fn("flex", block_size=0)
+    with self.assertRaisesRegex(ValueError, r"block_size must be an int or \(query block, key block\)"):
+      aj.nn.make_attention_fn("flex", block_size=(8, 8, 8))
+    with self.assertRaisesRegex(TypeError, "score_mod must be callable"):
+      aj.nn.make_attention_fn("flex", score_mod=1.0)
+    with self.assertRaisesRegex(TypeError, "mask_mod must be callable"):
+      aj.nn.make_attention_fn("flex", mask_mod=np.ones((4, 4), bool))
+    with self.assertRaisesRegex(ValueError, "unknown flex_attention implementation='flash'"):
+      aj.nn.make_attention_fn("flex", flex_implementation="flash")
+    with self.assertRaisesRegex(ValueError, r"make_attention_fn\('flex'\): bad scale"):
+      aj.nn.make_attention_fn("flex", scale="big")
+    q = jnp.ones((1, 4, 2, 8))
+    with self.assertRaisesRegex(ValueError, r"unsupported arguments \['q_segment_ids'\].*mods.document"):
+      aj.nn.make_attention_fn("flex")(q, q, q, q_segment_ids=jnp.zeros((1, 4), jnp.int32))
