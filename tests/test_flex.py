@@ -448,3 +448,29 @@ def test_blockwise_coarsens_concrete_masks_only_where_it_computes_little_more(mo
     assert flex.compute_blocks(bm).block_size == (8, 8)
     return ids
   traced(jnp.zeros(64, jnp.int32))
+
+
+# Every mask mod (each with a score mod, rotating) through the Pallas kernels in interpret mode, forward and
+# gradients (q, k, v and the score mod's captured array) against the reference. A representative pair per kernel
+# runs in CI; the rest are slow.
+_KERNEL_SCORES = ("alibi", "t5", "soft_cap", "alibi_soft_cap")
+_KERNEL_CI = {("prefix_lm", "pallas"), ("random_table", "pallas_tpu"), ("bigbird", "pallas"),
+              ("global", "pallas_tpu")}
+
+
+@pytest.mark.parametrize("mask_name,score_name,implementation", [
+    pytest.param(m, _KERNEL_SCORES[i % len(_KERNEL_SCORES)], impl,
+                 marks=[] if (m, impl) in _KERNEL_CI else [pytest.mark.slow])
+    for i, m in enumerate(MASKS) for impl in ("pallas", "pallas_tpu")])
+def test_every_mod_in_the_kernels(mask_name, score_name, implementation):
+  rng = np.random.default_rng(21)
+  q, k, v = qkv(rng, B, T, S, N, K, H)
+  mask_mod, b_dep, np_visible = _mask_case(mask_name, rng)
+  make, params, bias, cap = _score_case(score_name, rng)
+  want, _ = np_softmax_attention(q, k, v, mask=np_visible, bias=bias, soft_cap=cap)
+  assert_close(_run(q, k, v, mask_mod, b_dep, make, params, implementation=implementation, block=16), want,
+               jnp.float32)
+  got = _grads(q, k, v, mask_mod, b_dep, make, params, implementation, block=16)
+  ref = _grads(q, k, v, mask_mod, b_dep, make, params, "reference", block=16)
+  for name, g, w in zip(("dq", "dk", "dv", "dparams"), got, ref):
+    assert_close(g, w, jnp.float32, kind="grad", err_msg=name)
