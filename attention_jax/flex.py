@@ -161,8 +161,7 @@ _I32 = np.int32(0)
 def convert_score_mod(score_mod: ScoreMod | None, dtype: Any) -> _Converted | None:
   if score_mod is None:
     return None
-  conv = _convert(score_mod, jnp.zeros((), dtype), _I32, _I32, _I32, _I32)
-  return conv
+  return _convert(score_mod, jnp.zeros((), dtype), _I32, _I32, _I32, _I32)
 
 
 def convert_mask_mod(mask_mod: MaskModFn | None) -> _Converted | None:
@@ -357,11 +356,16 @@ def _optional_size(name: str, x) -> int:
   return 1 if x is None else positive_int(name, x)
 
 
+def _outer_vmap(fn: Callable, args: Sequence[jax.Array]):
+  """``fn`` of scalars evaluated on the outer product of the 1-D ``args`` (result ``[len(a) for a in args]``)."""
+  for axis in reversed(range(len(args))):
+    fn = jax.vmap(fn, in_axes=tuple(0 if a == axis else None for a in range(len(args))))
+  return fn(*args)
+
+
 def _grid_vmap(fn: Callable, sizes: Sequence[int]):
   """``fn`` of scalar int32 indices evaluated on the outer product of ``range(size)`` for each size."""
-  for axis in reversed(range(len(sizes))):
-    fn = jax.vmap(fn, in_axes=tuple(0 if a == axis else None for a in range(len(sizes))))
-  return fn(*(jnp.arange(s, dtype=jnp.int32) for s in sizes))
+  return _outer_vmap(fn, [jnp.arange(s, dtype=jnp.int32) for s in sizes])
 
 
 def create_block_mask(mask_mod: MaskModFn | None, B: int | None, N: int | None, T: int, S: int, *,
@@ -416,10 +420,7 @@ def _exact_blocks(mask_mod, Bm: int, Nm: int, T: int, S: int, bq: int, bk: int):
   def row(i):
     rows = i * bq + jnp.arange(bq, dtype=jnp.int32)
     f = lambda b, n, qi, kj: jnp.asarray(mask_mod(b, n, qi, kj), bool)
-    for axis, size in ((3, None), (2, None), (1, None), (0, None)):
-      del size
-      f = jax.vmap(f, in_axes=tuple(0 if a == axis else None for a in range(4)))
-    m = f(jnp.arange(Bm, dtype=jnp.int32), jnp.arange(Nm, dtype=jnp.int32), rows, cols)
+    m = _outer_vmap(f, (jnp.arange(Bm, dtype=jnp.int32), jnp.arange(Nm, dtype=jnp.int32), rows, cols))
     m = jnp.broadcast_to(m, (Bm, Nm, bq, nk * bk))
     real = ((rows < T)[:, None] & (cols < S)[None, :])[None, None]
     may = (m & real).reshape(Bm, Nm, bq, nk, bk).any(axis=(2, 4))
@@ -515,7 +516,7 @@ def reference_impl(f: FlexInputs) -> tuple[jax.Array, jax.Array]:
   if f.mask is not None:
     m = lambda b, n, i, j: jnp.asarray(f.mask.fn(b, n, i, j, *f.mask.consts), bool)
     Bm, Nm = f.block_mask.shape[:2]
-    visible = _grid_vmap_args(m, (jnp.arange(Bm, dtype=jnp.int32), jnp.arange(Nm, dtype=jnp.int32), t_i, s_i))
+    visible = _outer_vmap(m, (jnp.arange(Bm, dtype=jnp.int32), jnp.arange(Nm, dtype=jnp.int32), t_i, s_i))
     s = jnp.where(jnp.broadcast_to(visible, (Bm, Nm, T, S)), s, -jnp.inf)
   else:
     visible, Bm, Nm = None, 1, 1
@@ -539,12 +540,6 @@ def _per_head_v(v: jax.Array, N: int) -> jax.Array:
   """``[B, S, K, Hv] -> [B, N, S, Hv]`` (the kv head of each query head; reference only)."""
   K = v.shape[2]
   return jnp.repeat(jnp.transpose(v, (0, 2, 1, 3)), N // K, axis=1)
-
-
-def _grid_vmap_args(fn: Callable, args: Sequence[jax.Array]):
-  for axis in reversed(range(len(args))):
-    fn = jax.vmap(fn, in_axes=tuple(0 if a == axis else None for a in range(len(args))))
-  return fn(*args)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -902,3 +897,14 @@ def flex_attention(query: jax.typing.ArrayLike, key: jax.typing.ArrayLike, value
   out, lse = flex_core(f, implementation)
   out = core.restore_batch(out, inp)
   return (out, core.public_residual(lse, inp)) if return_residual else out
+
+
+def flex_attention_reference(query: jax.typing.ArrayLike, key: jax.typing.ArrayLike, value: jax.typing.ArrayLike,
+                             score_mod: ScoreMod | None = None, block_mask: BlockMask | None = None, *,
+                             scale: float | None = None, implementation: str | Sequence[str] | None = None,
+                             return_residual: bool = False):
+  """:func:`flex_attention`'s signature computed by the dense reference (every logit, the mods element by element,
+  ``implementation`` validated and ignored). Differentiable to any order."""
+  resolve_implementations(implementation)
+  return flex_attention(query, key, value, score_mod, block_mask, scale=scale, implementation="reference",
+                        return_residual=return_residual)

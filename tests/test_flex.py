@@ -474,3 +474,15 @@ def test_every_mod_in_the_kernels(mask_name, score_name, implementation):
   ref = _grads(q, k, v, mask_mod, b_dep, make, params, "reference", block=16)
   for name, g, w in zip(("dq", "dk", "dv", "dparams"), got, ref):
     assert_close(g, w, jnp.float32, kind="grad", err_msg=name)
+
+
+def test_flex_attention_reference_has_the_signature_and_the_reference_result():
+  import inspect
+  assert inspect.signature(flex.flex_attention_reference) == inspect.signature(flex.flex_attention)
+  rng = np.random.default_rng(23)
+  q, k, v = qkv(rng, 1, 11, 9, 2, 1, 8)
+  bm = flex.create_block_mask(mods.causal(), None, None, 11, 9, block_size=4)
+  want, _ = np_softmax_attention(q, k, v, mask=np_mask(1, 1, 11, 9, causal=True))
+  assert_close(flex.flex_attention_reference(q, k, v, None, bm, implementation="pallas"), want, jnp.float32)
+  with pytest.raises(ValueError, match="unknown flex_attention implementation"):
+    flex.flex_attention_reference(q, k, v, implementation="xla")
