@@ -72,6 +72,7 @@ def test_causal_odd_lengths_gqa(dtype):
   _check_grads(grads, _grads("reference", q, k, v, cot, block_mask=bm)[1], dtype)
 
 
+@pytest.mark.slow
 def test_sliding_window_per_head_gqa_bf16():
   """A window whose width depends on the head (lists per query head in every kernel), GQA, bfloat16."""
   B, T, S, N = 1, 24, 24, 4
