@@ -254,8 +254,17 @@ def _q_program_inputs(cfg: _Config, q, k, v, sc, mc, lists, hp: int, hvp: int):
 # ----------------------------------------------------------------------------------------------------------
 
 
+def _key_block(cfg: _Config, r: dict, t, masked: bool, q, rows, b_m, n_m, mc):
+  """Entry ``t`` of a query block's full or partial key list: ``(k, v, cols, visible or None, raw logits)``."""
+  k0 = r["part_idx" if masked else "full_idx"][t] * cfg.bk
+  k, v = r["k"][pl.ds(k0, cfg.bk), :], r["v"][pl.ds(k0, cfg.bk), :]
+  cols = k0 + jnp.arange(cfg.bk, dtype=jnp.int32)
+  vis = _visible(cfg, b_m, n_m, rows, cols, mc) if masked else None
+  return k, v, cols, vis, _raw(cfg, q, k, vis)
+
+
 def _fwd_kernel(r: dict, o_ref, lse_ref, *, cfg: _Config):
-  bq, bk = cfg.bq, cfg.bk
+  bq = cfg.bq
   i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   b_m, n_m = _mask_indices(cfg, b, n)
   q = r["q"][...]
@@ -264,13 +273,7 @@ def _fwd_kernel(r: dict, o_ref, lse_ref, *, cfg: _Config):
 
   def body(t, carry, masked):
     acc, m, l, bad = carry
-    j = r["part_idx" if masked else "full_idx"][t]
-    k0 = j * bk
-    k = r["k"][pl.ds(k0, bk), :]
-    v = r["v"][pl.ds(k0, bk), :]
-    cols = k0 + jnp.arange(bk, dtype=jnp.int32)
-    vis = _visible(cfg, b_m, n_m, rows, cols, mc) if masked else None
-    s = _raw(cfg, q, k, vis)
+    k, v, cols, vis, s = _key_block(cfg, r, t, masked, q, rows, b_m, n_m, mc)
     if cfg.score_fn is not None:
       s = flex.tile_scores(cfg.score_fn, sc, s, b, n, rows, cols)
     if masked:   # hidden values never meet a multiply; visible non-finite ones poison their rows
@@ -384,7 +387,7 @@ def _dkdv_kernel(r: dict, dk_ref, dv_ref, *dsc_refs, cfg: _Config):
 
 
 def _dq_kernel(r: dict, dq_ref, *, cfg: _Config):
-  bq, bk = cfg.bq, cfg.bk
+  bq = cfg.bq
   i, b, n = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   b_m, n_m = _mask_indices(cfg, b, n)
   q, do = r["q"][...], r["do"][...]
@@ -393,13 +396,7 @@ def _dq_kernel(r: dict, dq_ref, *, cfg: _Config):
   sc, mc = _read_consts(r, "sc", cfg.score_shapes), _read_consts(r, "mc", cfg.mask_shapes)
 
   def body(t, dq, masked):
-    j = r["part_idx" if masked else "full_idx"][t]
-    k0 = j * bk
-    k = r["k"][pl.ds(k0, bk), :]
-    v = r["v"][pl.ds(k0, bk), :]
-    cols = k0 + jnp.arange(bk, dtype=jnp.int32)
-    vis = _visible(cfg, b_m, n_m, rows, cols, mc) if masked else None
-    s = _raw(cfg, q, k, vis)
+    k, v, cols, vis, s = _key_block(cfg, r, t, masked, q, rows, b_m, n_m, mc)
     vjp = None
     if cfg.score_fn is not None:
       g_fn = lambda x: flex.tile_scores(cfg.score_fn, sc, x, b, n, rows, cols)
