@@ -34,6 +34,10 @@ see it (in the causal form values are read through a select and rows that see a 
 never ``0 * NaN``).
 
 **Feature maps.** ``"elu"``: ``elu(x) + 1``; ``"relu"``: ``max(x, 0)`` (D = H, no scaling of the inputs).
+``"taylor"`` (Based, Arora et al. 2024): the 2nd-order Taylor expansion of the softmax kernel,
+``φ(q)·φ(k) = 1 + s + s²/2`` with ``s = q·k/√H``, from ``φ(x) = [1, x̃, x̃_a x̃_b (a < b), x̃_a²/√2]``,
+``x̃ = x / H^(1/4)``: D = 1 + H + H(H+1)/2 features (153 for H = 16, Based's feature dimension), always positive
+(``1 + s + s²/2 >= 1/2``), so every row's weights are positive and the normaliser never vanishes.
 :func:`favor_feature_map` (Performer FAVOR+, Choromanski et al. 2020) with ``x̃ = x / H^(1/4)``::
 
     φ(x) = exp(e(x)) / √M,   e(x) = W x̃ − ‖x̃‖²/2,     E_W[φ(q)·φ(k)] = exp(q·k / √H)   (the default softmax kernel),
@@ -66,6 +70,10 @@ ratio's pair weights ``exp(e_m(q_i) + e_m(k_j))`` are only ever formed relative 
 
 Every shift is shared by everything one ratio sums, so it cancels exactly; its gradient is stopped, which is exact
 for the same reason. Only the float32 rounding of the exponents (about ``|e|·2^-24``) remains.
+
+Decayed (RetNet, GLA) and delta-rule (DeltaNet) linear attention live in :mod:`attention_jax.linear_rnn` and are
+re-exported here: :func:`decayed_linear_attention`, :func:`delta_rule_attention`, their ``*_reference`` and
+``*_step`` functions.
 
 The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
 """
@@ -137,6 +145,17 @@ def _relu(x: jax.Array) -> jax.Array:
   return jax.nn.relu(x)
 
 
+def _taylor(x: jax.Array) -> jax.Array:
+  """``[1, x̃, x̃_a x̃_b (a < b), x̃_a² / √2]`` with ``x̃ = x / H^(1/4)``: ``φ(q)·φ(k) = 1 + s + s²/2``,
+  ``s = q·k / √H`` (the 2nd-order Taylor expansion of ``exp(s)``; D = 1 + H + H(H+1)/2)."""
+  H = x.shape[-1]
+  x = x * (H ** -0.25)
+  a, b = np.triu_indices(H)
+  weight = np.where(a == b, 0.5 ** 0.5, 1.0).astype(np.dtype(x.dtype)).reshape((1,) * (x.ndim - 1) + (-1,))
+  second = x[..., a] * x[..., b] * weight
+  return jnp.concatenate([jnp.ones_like(x[..., :1]), x, second], axis=-1)
+
+
 @functools.partial(jax.tree_util.register_dataclass, data_fields=[], meta_fields=["name", "fn"])
 @dataclasses.dataclass(frozen=True)
 class ElementwiseFeatureMap:
@@ -155,7 +174,8 @@ class ElementwiseFeatureMap:
 
 elu_feature_map = ElementwiseFeatureMap("elu", _elu_plus_one)
 relu_feature_map = ElementwiseFeatureMap("relu", _relu)
-FEATURE_MAPS = {"elu": elu_feature_map, "relu": relu_feature_map}
+taylor_feature_map = ElementwiseFeatureMap("taylor", _taylor)
+FEATURE_MAPS = {"elu": elu_feature_map, "relu": relu_feature_map, "taylor": taylor_feature_map}
 
 
 @functools.partial(jax.tree_util.register_dataclass, data_fields=["projection"], meta_fields=[])
@@ -219,7 +239,8 @@ def _favor_projection(rng: jax.Array, head_dim: int, num_features: int, orthogon
 
 
 def get_feature_map(feature_map: Any, head_dim: int) -> FeatureMap:
-  """``"elu"``, ``"relu"``, a map from this module or any callable -> a feature map (``ValueError`` otherwise)."""
+  """``"elu"``, ``"relu"``, ``"taylor"``, a map from this module or any callable -> a feature map (``ValueError``
+  otherwise)."""
   if isinstance(feature_map, str):
     if feature_map not in FEATURE_MAPS:
       raise ValueError(f"unknown feature_map={feature_map!r}; choose one of {tuple(FEATURE_MAPS)}, "
@@ -234,7 +255,7 @@ def get_feature_map(feature_map: Any, head_dim: int) -> FeatureMap:
     return feature_map
   if callable(feature_map):
     return ElementwiseFeatureMap(getattr(feature_map, "__name__", "custom"), feature_map)
-  raise ValueError(f"feature_map must be 'elu', 'relu' or a callable; got {feature_map!r}")
+  raise ValueError(f"feature_map must be 'elu', 'relu', 'taylor' or a callable; got {feature_map!r}")
 
 
 def _elementwise_features(fmap: ElementwiseFeatureMap, q, k):
@@ -638,7 +659,8 @@ def linear_attention(query, key, value, *, feature_map: Any = "elu", is_causal: 
 
   Args:
     query: ``[B, T, N, H]``; key: ``[B, S, K, H]``; value: ``[B, S, K, Hv]`` with ``N % K == 0`` (GQA/MQA).
-    feature_map: ``"elu"`` (elu + 1), ``"relu"``, ``favor_feature_map(...)`` or a callable ``[..., H] -> [..., D]``.
+    feature_map: ``"elu"`` (elu + 1), ``"relu"``, ``"taylor"`` (Based), ``favor_feature_map(...)`` or a callable
+      ``[..., H] -> [..., D]``.
     is_causal: query i sees keys ``j <= i`` (chunked parallel form, O(T·(C·D + D·Hv)) time).
     key_value_seq_lengths: int ``[B]``; keys at or after the length are padding.
     chunk_size: causal chunk length C (default :data:`DEFAULT_CHUNK_SIZE`; FAVOR+ rounds it up to a power of two);
@@ -840,3 +862,10 @@ def _step(fmap: FeatureMap, state: LinearAttentionState, q_t, k_t, v_t):
   num = jnp.einsum("bkgd,bkde->bkge", qf, kv, precision=precision)
   den = jnp.einsum("bkgd,bkd->bkg", qf, z, precision=precision)
   return LinearAttentionState(kv, z, s_new), _ratio(num, den).reshape(B, N, Hv).astype(q_t.dtype)
+
+
+# The unnormalised recurrences with a matrix state (RetNet / GLA / DeltaNet), part of this module's API.
+from attention_jax.linear_rnn import (  # noqa: E402, F401  (re-exported, after this module's definitions)
+    decayed_linear_attention, decayed_linear_attention_reference, decayed_linear_attention_step,
+    delta_rule_attention, delta_rule_attention_reference, delta_rule_attention_step)
+

@@ -13,7 +13,7 @@ import attention_jax as aj
 from attention_jax import linear
 from tests.helpers import assert_close, np_mask, np_softmax_attention, qkv, randn, tol
 
-FEATURE_MAPS = ("elu", "relu", "favor")
+FEATURE_MAPS = ("elu", "relu", "favor", "taylor")
 
 # name -> shapes and key lengths. T and S are chosen so that the chunk sizes below rarely divide them.
 CASES = {
@@ -56,10 +56,15 @@ def np_linear_attention(q, k, v, name, projection=None, causal=False, kv_lengths
   B, T, N, H = q.shape
   S, K = k.shape[1:3]
   G = N // K
-  phi_q = np_features(name, q, projection)
-  phi_k = np.repeat(np_features(name, k, projection), G, axis=2)
   v = np.repeat(np.asarray(v, np.float64), G, axis=2)
-  w = np.einsum("btnd,bsnd->bnts", phi_q, phi_k)
+  if name == "taylor":   # the kernel itself, not its features: 1 + s + s^2/2 with s = q.k/sqrt(H)
+    s = np.einsum("btnh,bsnh->bnts", np.asarray(q, np.float64), np.repeat(np.asarray(k, np.float64), G, axis=2))
+    s = s / np.sqrt(H)
+    w = 1.0 + s + 0.5 * s * s
+  else:
+    phi_q = np_features(name, q, projection)
+    phi_k = np.repeat(np_features(name, k, projection), G, axis=2)
+    w = np.einsum("btnd,bsnd->bnts", phi_q, phi_k)
   w = np.where(np_mask(B, N, T, S, causal=causal, kv_lengths=kv_lengths), w, 0.0)
   num = np.einsum("bnts,bsnh->btnh", w, v)
   den = np.transpose(w.sum(-1), (0, 2, 1))[..., None]
