@@ -20,6 +20,11 @@ the run goes on. Programmable attention: "flex" (``flex_attention`` with the cau
 causal) and "flex:window=W" (plus a sliding window of W keys), each optionally "@<implementation>" (default: the
 backend's kernel), so that ``--implementations=pallas,flex --causal=true`` compares flex with the built-in kernel in
 one run. (FLOPs of a window count the full causal work, so compare times, not TFLOP/s, for windows.)
+Linear recurrences (causal only): "retnet", "gla", "deltanet", "linear_elu", each optionally "@chunked" (default),
+"@parallel" or "@recurrent" (the token-by-token scan); their TFLOP/s use softmax's FLOP count, so compare times:
+
+  python -m experiments.bench_kernels --implementations=xla,retnet,gla,deltanet,deltanet@recurrent,linear_elu \
+      --seq_lens=16384 --causal=true --modes=fwd_bwd --batch=1 --heads=1 --head_dim=64 --dtype=float32
 
 Masks: ``--padding=0.25`` hides the last quarter of every key sequence; ``--mask_modes=structured,dense`` times
 each mask two ways in one run -- structured (``is_causal=True`` / ``key_value_seq_lengths``) and as a boolean
@@ -144,6 +149,8 @@ def attention_fn(impl: str, causal: bool, blocks=None, **static):
     return lambda q, k, v, **arrays: aj.dot_product_attention(q, k, v, implementation=impl, **static, **arrays)
   if impl.startswith("flex"):
     return flex_fn(impl, static)
+  if impl.partition("@")[0] in RECURRENT:
+    return recurrent_fn(impl, static)
   if impl in ("xla", "cudnn"):
     return lambda q, k, v, **arrays: jax.nn.dot_product_attention(q, k, v, implementation=impl, **static, **arrays)
   if impl in ("jax_pallas", "jax_pallas_tuned"):
@@ -183,6 +190,37 @@ def flex_fn(impl: str, static: dict):
       raise NotImplementedError(f"{impl} takes no {sorted(arrays)}")
     bm = flex.create_block_mask(mask_mod, None, None, q.shape[1], k.shape[1], block_size=128)
     return flex.flex_attention(q, k, v, None, bm, implementation=implementation or None)
+  return fn
+
+
+# Causal linear recurrences (attention_jax.linear_rnn and linear attention), "<name>[@<form>]": the form is
+# "chunked" (default), "parallel" or "recurrent" (the token-by-token scan). Gates come from the inputs as the
+# models make them: RetNet's fixed per-head decays 1 - 2^(-5-n); GLA's per-channel log decay logsigmoid(q) / 16;
+# DeltaNet's L2-normalised keys and beta = sigmoid(mean_h q); "linear_elu" is elu+1 linear attention (chunked).
+RECURRENT = ("retnet", "gla", "deltanet", "linear_elu")
+
+
+def recurrent_fn(impl: str, static: dict):
+  import jax
+  import jax.numpy as jnp
+  from attention_jax import linear
+  name, _, form = impl.partition("@")
+  if set(static) - {"is_causal"} or not static["is_causal"]:
+    raise NotImplementedError(f"{impl} is a causal recurrence (run it with --causal=true, no masks)")
+
+  def fn(q, k, v, **arrays):
+    if arrays:
+      raise NotImplementedError(f"{impl} takes no {sorted(arrays)}")
+    kw = dict(implementation=form or "chunked")
+    if name == "linear_elu":
+      return linear.linear_attention(q, k, v, is_causal=True)
+    if name == "retnet":
+      g = jnp.log1p(-(2.0 ** (-5.0 - jnp.arange(q.shape[2], dtype=jnp.float32)))).astype(q.dtype)
+      return linear.decayed_linear_attention(q, k, v, g, **kw)
+    if name == "gla":
+      return linear.decayed_linear_attention(q, k, v, jax.nn.log_sigmoid(q) / 16, **kw)
+    k = k / jnp.linalg.norm(k, axis=-1, keepdims=True)
+    return linear.delta_rule_attention(q, k, v, jax.nn.sigmoid(jnp.mean(q, axis=-1)), **kw)
   return fn
 
 

@@ -20,6 +20,28 @@ A spec is ``"name"`` or ``"name:arg"``; :func:`make_attention` returns ``fn(q, k
   alibi[:IMPL]            flex_attention with ALiBi (Press et al. 2022): score - m_n |i - j|, the paper's fixed
                           geometric slopes m_n = 2^(-8n/N) per head, causal mask_mod; no position embeddings
   nope                    softmax attention (reference) with no position embeddings at all (NoPE)
+  taylor[@C]              linear attention with Based's 2nd-order Taylor features of the model's own q / k
+                          (D = 1 + H + H(H+1)/2 features per head of size H; optional causal chunk C; also runs
+                          non-causally, as every linear_* variant)
+
+Recurrent variants with their own projections (causal only; :func:`make_attention` refuses them, models.py builds
+them as mixer modules in place of the attention layer, each with its own q / k / v and output projections):
+
+  based[:W]               Based (Arora et al. 2024): Taylor linear attention on q / k projected to 16 features per
+                          head (``BASED_FEATURE_DIM``) plus causal sliding-window softmax attention over the last W
+                          tokens (token i sees i-W+1..i; default W = 64), both on their own projections. The paper
+                          stacks separate linear-attention and sliding-window layers; here every layer is "combined":
+                          the two outputs are summed before the output projection.
+  retnet                  RetNet retention: decayed linear attention with a fixed decay per head,
+                          gamma_n = 1 - 2^(-5-n), a per-head RMS norm of the output and a swish output gate (no
+                          xPos: the model keeps its learned positions)
+  gla                     Gated linear attention (Yang et al. 2024): a data-dependent decay per key channel,
+                          logsigmoid(x W_g + b) / 16 with W_g of rank 16, per-head RMS norm and swish output gate
+  deltanet                DeltaNet (delta rule, Yang et al. 2024): beta = sigmoid(x W_beta) per head, a causal
+                          depthwise convolution of kernel 4 then silu on q / k / v (only this variant has the short
+                          convolution), q and k L2-normalised per head, per-head RMS norm of the output
+
+:func:`state_size` is the decoding state of one layer in floats (what Zoology's Figure 3 puts on its x axis).
 
 :func:`learned_positions` says whether a variant's model adds learned absolute position embeddings (every variant
 but ``alibi`` and ``nope``). A document-masking variant is not offered: no task here packs documents into one
@@ -49,6 +71,20 @@ NO_POSITION_KINDS = ("alibi", "nope")
 FLEX_KINDS = ("flex", "alibi")
 # Tile size of the flex variants (capped at the sequence lengths).
 _FLEX_BLOCK = 128
+# Variants with their own parameters beyond q / k / v / out: models.py builds a mixer module for them.
+MIXER_KINDS = ("based", "retnet", "gla", "deltanet")
+# Variants that decode with a fixed-size recurrent state (no KV cache growing with T).
+RECURRENT_KINDS = ("linear_elu", "linear_relu", "favor", "taylor", *MIXER_KINDS)
+# Variants that only exist in causal form.
+CAUSAL_ONLY_KINDS = MIXER_KINDS
+# Based: feature dimension of the projected q / k per head, default sliding window.
+BASED_FEATURE_DIM = 16
+BASED_WINDOW = 64
+# GLA: rank of the decay gate's projection and the normaliser of its log-sigmoid.
+GLA_GATE_RANK = 16
+GLA_GATE_NORMALIZER = 16.0
+# DeltaNet: kernel size of the causal depthwise convolution on q / k / v.
+SHORT_CONV = 4
 
 
 def parse(spec: str) -> tuple[str, str | None]:
@@ -56,6 +92,65 @@ def parse(spec: str) -> tuple[str, str | None]:
   if "@" in name:
     name, _, arg = name.partition("@")
   return name, (arg or None)
+
+
+def based_window(spec: str) -> int:
+  """The sliding window W of a ``based[:W]`` spec."""
+  name, arg = parse(spec)
+  if name != "based":
+    raise ValueError(f"not a based spec: {spec!r}")
+  window = int(arg or BASED_WINDOW)
+  if window < 1:
+    raise ValueError(f"based's window must be >= 1; got {spec!r}")
+  return window
+
+
+def retnet_log_decay(num_heads: int) -> jax.Array:
+  """RetNet's fixed log decays ``log(1 - 2^(-5-n))`` of heads ``n = 0..N-1``, ``[N]``."""
+  n = jnp.arange(num_heads, dtype=jnp.float32)
+  return jnp.log1p(-jnp.exp2(-5.0 - n))
+
+
+def check_causal(spec: str, is_causal: bool) -> None:
+  """ValueError when a causal-only variant (``CAUSAL_ONLY_KINDS``) is used without causal masking."""
+  if not is_causal and parse(spec)[0] in CAUSAL_ONLY_KINDS:
+    raise ValueError(f"attention={spec!r} is a causal recurrence and cannot run with is_causal=False (causal=False "
+                     "models, e.g. classification tasks such as listops, need a variant of another kind)")
+
+
+def state_size(spec: str, *, seq_len: int, d_model: int, num_heads: int) -> int:
+  """Floats one layer keeps to decode the next token after ``seq_len`` tokens (Zoology's "state size").
+
+  With ``H = d_model / num_heads``: exact attention keeps its KV cache, ``2 T d_model`` (also the sparse patterns
+  with global or strided keys, which a future query may read anywhere); ``local:W`` / ``xla_local:W``, a window of
+  ``2 min(W, T) d_model``; ``linear_elu`` / ``linear_relu``, ``N (H H + H)`` (sum of ``phi(k) v^T`` and normaliser
+  ``z``); ``favor:M``, ``N (M H + M)``; ``taylor``, ``N (D H + D)`` with ``D = 1 + H + H(H+1)/2``;
+  ``based:W``, the same with Based's 16 features (D = 153) plus the window's cache ``2 min(W, T) d_model``;
+  ``retnet`` / ``gla`` / ``deltanet``, the matrix state ``N H H``. Short-convolution buffers are not counted.
+  """
+  name, arg = parse(spec)
+  if d_model % num_heads:
+    raise ValueError(f"d_model={d_model} must be divisible by num_heads={num_heads}")
+  N, H, T = num_heads, d_model // num_heads, seq_len
+  taylor_dim = lambda h: 1 + h + h * (h + 1) // 2
+  if name in ("linear_elu", "linear_relu"):
+    return N * (H * H + H)
+  if name == "favor":
+    m = int((arg or "").partition("@")[0] or 256)
+    return N * (m * H + m)
+  if name == "taylor":
+    D = taylor_dim(H)
+    return N * (D * H + D)
+  if name == "based":
+    D = taylor_dim(BASED_FEATURE_DIM)
+    return N * (D * H + D) + 2 * min(based_window(spec), T) * d_model
+  if name in ("retnet", "gla", "deltanet"):
+    return N * H * H
+  if name in ("local", "xla_local"):
+    return 2 * min(int(arg or 256), T) * d_model
+  if name in (*SOFTMAX_KINDS, *FLEX_KINDS, "nope", "ring", "strided", "fixed", "bigbird"):
+    return 2 * T * d_model
+  raise ValueError(f"unknown attention variant {spec!r}")
 
 
 def learned_positions(spec: str) -> bool:
@@ -100,8 +195,11 @@ def make_attention(spec: str, *, seed: int = 0, block_size: int | None = None) -
     w = int(arg or 256)
     return lambda q, k, v, is_causal=False: aj.dot_product_attention(
         q, k, v, is_causal=is_causal, local_window_size=w, implementation="xla")
-  if name in ("linear_elu", "linear_relu"):
-    fmap = name.split("_")[1]
+  if name in MIXER_KINDS:
+    raise ValueError(f"attention variant {spec!r} has its own projections and parameters: it is a mixer module "
+                     "(models.make_mixer), not an fn(q, k, v) attention function")
+  if name in ("linear_elu", "linear_relu", "taylor"):
+    fmap = name.removeprefix("linear_")
     chunk = int(arg) if arg else None
     return lambda q, k, v, is_causal=False: aj.linear_attention(q, k, v, feature_map=fmap, is_causal=is_causal,
                                                                 chunk_size=chunk)

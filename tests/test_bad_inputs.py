@@ -282,6 +282,17 @@ ROWS: list[tuple[str, Callable[[], Any], Any]] = [
         linear.init_state(2, 2, 16), _Q[:, 0], _K[:, 0], _V[:, 0].astype(jnp.int32)), Error(r"(?i)float|dtype")),
     ("linear_step_state_mismatch", lambda: linear.linear_attention_step(
         linear.init_state(2, 3, 16), _Q[:, 0], _K[:, 0], _V[:, 0]), Error(r"(?i)state|K=|heads")),
+    # linear recurrences (self-attention: key / value have query's length)
+    ("decayed_log_decay_per_kv_head", lambda: linear.decayed_linear_attention(
+        _Q, _K[:, :7], _V[:, :7], jnp.zeros(_K.shape[2])), Error(r"log_decay")),
+    ("decayed_cross_attention", lambda: linear.decayed_linear_attention(_Q, _K, _V, jnp.zeros(_Q.shape[2])),
+     Error(r"key\.shape=\(2, 9")),
+    ("decayed_ok", lambda: linear.decayed_linear_attention(_Q, _K[:, :7], _V[:, :7], jnp.zeros(_Q.shape[2])),
+     Ok()),
+    ("delta_beta_per_channel", lambda: linear.delta_rule_attention(_Q, _K[:, :7], _V[:, :7], jnp.zeros(_Q.shape)),
+     Error(r"beta")),
+    ("delta_int_beta", lambda: linear.delta_rule_attention(_Q, _K[:, :7], _V[:, :7],
+                                                           jnp.zeros(_Q.shape[:3], jnp.int32)), Error(r"beta\.dtype")),
     # ring
     ("ring_missing_axis", lambda: ring.ring_attention(_Q, _K, _V, mesh=_mesh(), axis_name="tp"),
      Error(r"(?i)axis")),

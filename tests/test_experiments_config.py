@@ -113,7 +113,7 @@ EXPERIMENTS = {
 # The command lines of README.md, docs/*.md, the module docstrings and gpu_check.sh, with what they must mean
 # (``workdir``: the --workdir flag, which is not a config field).
 DOCUMENTED = [
-    ("compare", "", dict(tasks=None, steps=None, workdir="/tmp/attention_jax_compare")),
+    ("compare", "", dict(tasks=None, steps=None, d_models=None, resume=True, workdir="/tmp/attention_jax_compare")),
     ("compare", "--preset=smoke", dict(variants=("softmax", "linear_elu"), mqar_vocab=64)),
     ("compare", "--preset=full --workdir=runs/full", dict(workdir="runs/full", mqar_vocab=256,
                                                           task_lens={"mqar": (64, 128, 256), "selective_copy": (256,),
@@ -126,6 +126,10 @@ DOCUMENTED = [
      dict(tasks=("listops", "selective_copy"), variants=("bigbird",), task_train={"listops": dict(
          steps=3000, lr=1e-3, target_accuracy=None)})),
     ("compare", "--preset=full --workdir=/out/compare --budget_s=320", dict(budget_s=320.0, workdir="/out/compare")),
+    ("compare", "--preset=zoology --workdir=runs/zoology", dict(workdir="runs/zoology", d_models=(64, 128, 256),
+                                                              seeds=(0, 1, 2), resume=True, mqar_vocab=256)),
+    ("compare", "--preset=zoology --noresume --d_models=64 --variants=based,deltanet",
+     dict(resume=False, d_models=(64,), variants=("based", "deltanet"), task_lens={"mqar": (64, 128)})),
     ("scaling", "--variants=xla,blockwise,linear_elu,local:256 --seq_lens=1024,4096,16384",
      dict(variants=("xla", "blockwise", "linear_elu", "local:256"), seq_lens=(1024, 4096, 16384),
           modes=("fwd", "fwd_bwd"))),

@@ -47,9 +47,11 @@ def test_compare_smoke(tmp_path):
   results = compare.run_comparison(_compare_config("smoke"), tmp_path, preset="smoke")
   assert {r["task"] for r in results["runs"]} == {"mqar", "listops"}
   assert all(np.isfinite(r["loss"]) for r in results["runs"])
-  for name in ("results.json", "results.md", "accuracy_vs_length_mqar.png", "accuracy_vs_length_listops.png"):
+  assert all(r["d_model"] == 32 and r["state_size"] > 0 for r in results["runs"])
+  for name in ("results.json", "results.md", "accuracy_vs_length_mqar.png", "accuracy_vs_length_listops.png",
+               "recall_vs_state_mqar_T32.png"):
     assert os.path.getsize(tmp_path / name) > 0
-  assert "| mqar | 32 | softmax |" in open(tmp_path / "results.md").read()
+  assert "| mqar | 32 | 32 | softmax | 0 | 2048 |" in open(tmp_path / "results.md").read()   # state 2 T d
 
 
 def test_compare_budget_lists_what_did_not_run(tmp_path):
@@ -59,7 +61,8 @@ def test_compare_budget_lists_what_did_not_run(tmp_path):
   assert [(r["task"], r["variant"]) for r in results["not_run"]] == [("mqar", "softmax"), ("mqar", "linear_elu")]
   saved = json.load(open(tmp_path / "results.json"))
   assert saved["not_run"] == results["not_run"]
-  assert "Not run (time budget): mqar T=32 softmax, mqar T=32 linear_elu" in open(tmp_path / "results.md").read()
+  text = open(tmp_path / "results.md").read()
+  assert "Not run (time budget): mqar T=32 d=32 softmax, mqar T=32 d=32 linear_elu" in text
 
 
 def test_full_preset_task_instances_generate():
