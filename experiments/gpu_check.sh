@@ -12,6 +12,9 @@
 # bench_kernels flags, e.g. "--batch=1 --heads=2 --head_dim=16" for a dry run on CPU);
 # FLEX_BUDGET_S > 0 runs the flex_attention GPU kernel's tests compiled and times causal flex against our built-in
 # causal kernel (T=16K) and a causal sliding window of 1024 against causal flex (T=32K);
+# ZOOLOGY_BUDGET_S > 0 runs the Zoology MQAR sweep (compare --preset=zoology at T=ZOOLOGY_SEQ_LENS, default
+# 64,128,256,512; resumable: ZOOLOGY_RESUME=<results.json of an earlier run> keeps its finished runs; results under
+# $OUT/zoology), and times the linear recurrences (chunked RetNet / GLA / DeltaNet against cuDNN, bf16 T=16K);
 # TUNE_BUDGET_S > 0 runs experiments/tune_blocks.py last (TUNE_HEAD_DIMS x TUNE_DTYPES; rows under $OUT/tune.json).
 set -uo pipefail
 OUT=${OUT:-/tmp}
@@ -97,6 +100,22 @@ if [ "$FLEX_BUDGET_S" -gt 0 ]; then
     --implementations=flex,flex:window=1024 --causal=true --seq_lens=32768 --repeats=5 \
     --out="$OUT/bench_flex_window.json" > "$OUT/bench_flex_window.log" 2>&1
   echo "flex window bench exit: $?"; grep -v "^W\|^I" "$OUT/bench_flex_window.log" | tail -12
+fi
+
+ZOOLOGY_BUDGET_S=${ZOOLOGY_BUDGET_S:-0}
+ZOOLOGY_SEQ_LENS=${ZOOLOGY_SEQ_LENS:-64,128,256,512}
+if [ "$ZOOLOGY_BUDGET_S" -gt 0 ]; then
+  echo "== 3d. linear recurrences vs cuDNN (bf16 B=2 N=16 H=128 T=16K, causal fwd+bwd), then the Zoology sweep"
+  timeout 120 python -m experiments.bench_kernels --budget_s=60 --causal=true --seq_lens=16384 --modes=fwd_bwd \
+    --implementations=cudnn,retnet,gla,deltanet,linear_elu --out="$OUT/bench_linear_rnn.json" \
+    > "$OUT/bench_linear_rnn.log" 2>&1
+  echo "linear recurrences bench exit: $?"; grep -v "^W\|^I" "$OUT/bench_linear_rnn.log" | tail -8
+  mkdir -p "$OUT/zoology"
+  if [ -n "${ZOOLOGY_RESUME:-}" ]; then cp "$ZOOLOGY_RESUME" "$OUT/zoology/results.json"; fi
+  timeout $((ZOOLOGY_BUDGET_S + 180)) python -m experiments.compare --preset=zoology --seq_lens="$ZOOLOGY_SEQ_LENS" \
+    --workdir="$OUT/zoology" --budget_s="$ZOOLOGY_BUDGET_S" > "$OUT/zoology.log" 2>&1
+  echo "zoology exit: $?"; grep -c '"variant"' "$OUT/zoology/results.json" || true
+  sed -n '/mean/,/^$/p' "$OUT/zoology/results.md" | head -40
 fi
 
 if [ "$TUNE_BUDGET_S" -gt 0 ]; then
