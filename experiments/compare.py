@@ -110,7 +110,7 @@ PRESETS = {
     "zoology": dict(
         task_lens={"mqar": (64, 128)},
         variants=("softmax", "local", "linear_elu", "favor", "based", "retnet", "gla", "deltanet"),
-        d_models=(64, 128, 256), seeds=(0, 1, 2), mqar_vocab=256,
+        d_models=(64, 128, 256), seeds=(0, 1, 2), mqar_vocab=128,
         train=dict(steps=1500, d_model=128, num_heads=2, num_layers=2, batch_size=32, lr=3e-3, warmup_steps=50,
                    eval_every=100, eval_batches=2, eval_batch_size=256, log_every=100, target_accuracy=0.99),
     ),
