@@ -105,13 +105,14 @@ PRESETS = {
     ),
     # Zoology (Arora et al. 2023, Figure 3): MQAR recall against each variant's decoding state size, over model
     # widths (kv pairs = T/16); a run stops once its test accuracy reaches 99%. One learning rate (Zoology swept
-    # several). 144 runs at T = 64 and 128 (experiments/gpu_check.sh runs it on a GPU at T = 64..512); the CPU
-    # part in docs/RESULTS.md ran T = 64 with 8 pairs at widths 32 / 64 / 128 (--mqar_kv_pairs=8 --d_models=32,64,128).
+    # several). 144 runs at T = 64 and 128; experiments/gpu_check.sh runs it on a GPU at T = 64..512 (resumable).
+    # The CPU part in docs/RESULTS.md: --seq_lens=64 --mqar_kv_pairs=8 --d_models=64,128
+    # --variants=softmax,local,linear_elu,favor:64,based,retnet,gla,deltanet.
     "zoology": dict(
         task_lens={"mqar": (64, 128)},
         variants=("softmax", "local", "linear_elu", "favor", "based", "retnet", "gla", "deltanet"),
         d_models=(64, 128, 256), seeds=(0, 1, 2), mqar_vocab=128,
-        train=dict(steps=1500, d_model=128, num_heads=2, num_layers=2, batch_size=32, lr=3e-3, warmup_steps=50,
+        train=dict(steps=2000, d_model=128, num_heads=2, num_layers=2, batch_size=32, lr=3e-3, warmup_steps=50,
                    eval_every=100, eval_batches=2, eval_batch_size=256, log_every=100, target_accuracy=0.99),
     ),
 }
