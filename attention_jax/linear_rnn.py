@@ -320,16 +320,19 @@ def _readout(s, q_t, scale):
   return _mm("xh,xhe->xe", q_t, s) * scale
 
 
-@jax.jit
-def _decayed_recurrent(inp: _Inputs):
-  q, k, v, g, s0, scale = inp
+def _token_scan(update, inp: _Inputs):
+  """The recurrence one token at a time: ``S = update(S, k_t, v_t, gate_t)``, then ``o_t = scale · Sᵀ q_t``."""
+  q, k, v, gate, s0, scale = inp
 
   def step(s, xs):
-    q_t, k_t, v_t, g_t = xs
-    s = _decayed_update(s, k_t, v_t, g_t)
+    q_t, k_t, v_t, gate_t = xs
+    s = update(s, k_t, v_t, gate_t)
     return s, _readout(s, q_t, scale)
-  final, o = lax.scan(step, s0, tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, g)))
+  final, o = lax.scan(step, s0, tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, gate)))
   return jnp.swapaxes(o, 0, 1), final
+
+
+_decayed_recurrent = jax.jit(functools.partial(_token_scan, _decayed_update))
 
 
 def decayed_linear_attention(query, key, value, log_decay, *, scale=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
@@ -458,16 +461,7 @@ def _delta_update(s, k_t, v_t, beta_t):
   return s + (beta_t * k_t)[:, :, None] * err[:, None, :]
 
 
-@jax.jit
-def _delta_recurrent(inp: _Inputs):
-  q, k, v, beta, s0, scale = inp
-
-  def step(s, xs):
-    q_t, k_t, v_t, b_t = xs
-    s = _delta_update(s, k_t, v_t, b_t)
-    return s, _readout(s, q_t, scale)
-  final, o = lax.scan(step, s0, tuple(jnp.swapaxes(x, 0, 1) for x in (q, k, v, beta)))
-  return jnp.swapaxes(o, 0, 1), final
+_delta_recurrent = jax.jit(functools.partial(_token_scan, _delta_update))
 
 
 def delta_rule_attention(query, key, value, beta, *, scale=None, chunk_size: int = DEFAULT_CHUNK_SIZE,
