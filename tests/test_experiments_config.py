@@ -113,7 +113,8 @@ EXPERIMENTS = {
 # The command lines of README.md, docs/*.md, the module docstrings and gpu_check.sh, with what they must mean
 # (``workdir``: the --workdir flag, which is not a config field).
 DOCUMENTED = [
-    ("compare", "", dict(tasks=None, steps=None, d_models=None, resume=True, workdir="/tmp/attention_jax_compare")),
+    ("compare", "", dict(tasks=None, steps=None, d_models=None, resume=True, workdir="/tmp/attention_jax_compare",
+                         task_lens={"mqar": (32, 64)}, mqar_kv_pairs=8, variants=("softmax", "linear_elu", "favor"))),
     ("compare", "--preset=smoke", dict(variants=("softmax", "linear_elu"), mqar_vocab=64)),
     ("compare", "--preset=full --workdir=runs/full", dict(workdir="runs/full", mqar_vocab=256,
                                                           task_lens={"mqar": (64, 128, 256), "selective_copy": (256,),
@@ -127,7 +128,15 @@ DOCUMENTED = [
          steps=3000, lr=1e-3, target_accuracy=None)})),
     ("compare", "--preset=full --workdir=/out/compare --budget_s=320", dict(budget_s=320.0, workdir="/out/compare")),
     ("compare", "--preset=zoology --workdir=runs/zoology", dict(workdir="runs/zoology", d_models=(64, 128, 256),
-                                                              seeds=(0, 1, 2), resume=True, mqar_vocab=256)),
+                                                              seeds=(0, 1, 2), resume=True, mqar_vocab=128)),
+    ("compare", "--preset=zoology --seq_lens=64 --mqar_kv_pairs=8 --d_models=64,128 "
+     "--variants=softmax,local,linear_elu,favor:64,based,retnet,gla,deltanet --workdir=runs/zoology_cpu",
+     dict(seq_lens=(64,), mqar_kv_pairs=8, d_models=(64, 128), workdir="runs/zoology_cpu",
+          variants=("softmax", "local", "linear_elu", "favor:64", "based", "retnet", "gla", "deltanet"))),
+    ("bench_kernels", "--implementations=xla,retnet,gla,deltanet,deltanet@recurrent,linear_elu --seq_lens=16384 "
+     "--causal=true --modes=fwd_bwd --batch=1 --heads=1 --head_dim=64 --dtype=float32",
+     dict(implementations=("xla", "retnet", "gla", "deltanet", "deltanet@recurrent", "linear_elu"), seq_lens=(16384,),
+          causal=(True,), batch=1, heads=1, head_dim=64, dtype="float32")),
     ("compare", "--preset=zoology --noresume --d_models=64 --variants=based,deltanet",
      dict(resume=False, d_models=(64,), variants=("based", "deltanet"), task_lens={"mqar": (64, 128)})),
     ("scaling", "--variants=xla,blockwise,linear_elu,local:256 --seq_lens=1024,4096,16384",
