@@ -280,6 +280,7 @@ def test_jit_vmap_and_empty():
   np.testing.assert_array_equal(np.asarray(state), 0.0)
 
 
+@pytest.mark.slow   # 12 s of compiles; CI keeps the forms' correctness, this checks their memory
 def test_chunked_memory_grows_linearly():
   """The chunked forms keep O(T / C) states and chunk-local matrices: fwd+bwd temporaries grow linearly in T."""
   def temp_bytes(T, kind):
