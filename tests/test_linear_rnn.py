@@ -23,9 +23,10 @@ GATES = ("head", "token", "channel")   # log_decay [N], [B, T, N], [B, T, N, H]
 # ----------------------------------------------------------------------------------------------------------
 
 
-def np_decayed(q, k, v, g, scale=None, s0=None):
-  """S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T; o_t = scale S_t^T q_t, per (b, n); kv head n // (N // K)."""
-  q, k, v, g = (np.asarray(x, np.float64) for x in (q, k, v, g))
+def np_recurrence(update, q, k, v, gate, scale=None, s0=None):
+  """o_t = scale S_t^T q_t with S_t = update(S_{t-1}, k_t, v_t, gate, b, t, n), one token at a time per (b, n);
+  query head n reads kv head n // (N // K). Float64 loops."""
+  q, k, v, gate = (np.asarray(x, np.float64) for x in (q, k, v, gate))
   B, T, N, H = q.shape
   G, Hv = N // k.shape[2], v.shape[3]
   scale = H ** -0.5 if scale is None else scale
@@ -34,32 +35,24 @@ def np_decayed(q, k, v, g, scale=None, s0=None):
   for b in range(B):
     for n in range(N):
       for t in range(T):
-        if g.ndim == 1:
-          decay = np.full(H, np.exp(g[n]))
-        elif g.ndim == 3:
-          decay = np.full(H, np.exp(g[b, t, n]))
-        else:
-          decay = np.exp(g[b, t, n])
-        S[b, n] = decay[:, None] * S[b, n] + np.outer(k[b, t, n // G], v[b, t, n // G])
+        S[b, n] = update(S[b, n], k[b, t, n // G], v[b, t, n // G], gate, b, t, n)
         out[b, t, n] = scale * S[b, n].T @ q[b, t, n]
   return out, S
 
 
-def np_delta(q, k, v, beta, scale=None, s0=None):
-  """S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T; o_t = scale S_t^T q_t."""
-  q, k, v, beta = (np.asarray(x, np.float64) for x in (q, k, v, beta))
-  B, T, N, H = q.shape
-  G, Hv = N // k.shape[2], v.shape[3]
-  scale = H ** -0.5 if scale is None else scale
-  out = np.zeros((B, T, N, Hv))
-  S = np.zeros((B, N, H, Hv)) if s0 is None else np.array(s0, np.float64)
-  for b in range(B):
-    for n in range(N):
-      for t in range(T):
-        kt, vt = k[b, t, n // G], v[b, t, n // G]
-        S[b, n] = S[b, n] + beta[b, t, n] * np.outer(kt, vt - S[b, n].T @ kt)
-        out[b, t, n] = scale * S[b, n].T @ q[b, t, n]
-  return out, S
+def _decayed_update(S, kt, vt, g, b, t, n):
+  """S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T; g is [N], [B, T, N] or [B, T, N, H]."""
+  g_t = g[n] if g.ndim == 1 else g[b, t, n]
+  return np.reshape(np.exp(g_t), (-1, 1)) * S + np.outer(kt, vt)
+
+
+def _delta_update(S, kt, vt, beta, b, t, n):
+  """S_t = S_{t-1} + beta_t k_t (v_t - S_{t-1}^T k_t)^T."""
+  return S + beta[b, t, n] * np.outer(kt, vt - S.T @ kt)
+
+
+np_decayed = functools.partial(np_recurrence, _decayed_update)
+np_delta = functools.partial(np_recurrence, _delta_update)
 
 
 def make(B=2, T=37, N=4, K=2, H=8, Hv=5, gate="channel", dtype=jnp.float32, seed=0, strength=1.5):
