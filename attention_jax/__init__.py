@@ -14,7 +14,7 @@ from attention_jax.multihead import init_multi_head, multi_head_attention
 
 __version__ = "0.1.0"
 
-_LAZY_MODULES = ("nn", "viz", "kernels", "blockwise", "sparse", "linear", "ring", "flex", "mods")
+_LAZY_MODULES = ("nn", "viz", "kernels", "blockwise", "sparse", "linear", "ring", "flex", "mods", "decode")
 # Public functions that live in lazily imported modules: name -> module.
 _LAZY_FUNCTIONS = {
     "linear_attention": "linear",
@@ -25,6 +25,8 @@ _LAZY_FUNCTIONS = {
     "create_block_mask": "flex",
     "and_masks": "flex",
     "or_masks": "flex",
+    "decode_attention": "decode",
+    "paged_decode_attention": "decode",
 }
 
 __all__ = [

@@ -26,3 +26,16 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 settings.register_profile("default", deadline=None, max_examples=10)
 settings.register_profile("thorough", deadline=None, max_examples=200)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+_CI_SLOW = os.path.join(os.path.dirname(__file__), "ci_slow.txt")
+
+
+def pytest_collection_modifyitems(config, items):
+  """Marks the node ids listed in tests/ci_slow.txt as ``slow`` (measured slowest; they run under -m slow)."""
+  import pytest
+  with open(_CI_SLOW) as f:
+    slow = {line.strip() for line in f if line.strip() and not line.startswith("#")}
+  for item in items:
+    if item.nodeid in slow:
+      item.add_marker(pytest.mark.slow)
