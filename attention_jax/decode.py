@@ -206,10 +206,58 @@ def merge_splits(out_s: jax.Array, lse_s: jax.Array, axis: int) -> jax.Array:
 
 
 def _guarded(inp: DecodeInputs, fast: jax.Array) -> jax.Array:
-  """``fast`` unless it holds a non-finite entry, then the reference: the fast paths multiply probabilities into
-  the raw cache, where a NaN behind a zero probability would leak (0 · NaN); the reference selects instead. Only
-  the small output is checked, never the cache."""
-  return lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast, lambda: reference_core(inp))
+  """``fast`` unless it holds a non-finite entry, then :func:`_clean_core`: the fast paths multiply probabilities
+  into the raw cache, where a NaN behind a zero probability would leak (0 · NaN). Only the small output is
+  checked, never the cache; the fallback works chunk by chunk, so it adds no cache-sized temporary."""
+  return lax.cond(jnp.all(jnp.isfinite(fast)), lambda: fast, lambda: _clean_core(inp))
+
+
+_CLEAN_CHUNK = 2048
+
+
+def _clean_core(inp: DecodeInputs, chunk: int = _CLEAN_CHUNK) -> jax.Array:
+  """Online softmax over cache chunks that cleans each value chunk with a select and flags the rows that see a
+  non-finite value (they become NaN), so a hidden NaN never meets a multiply. A loop of ``ceil(S / chunk)``
+  steps; the last chunk is shifted back to end at ``S`` and skips the columns its predecessor covered."""
+  q, k, v = inp.query, inp.key, inp.value
+  B, Tq, N, H = q.shape
+  S, K, Hv = v.shape[1:]
+  cd = _numerics.compute_dtype(q.dtype)
+  prec = _numerics.matmul_precision(q.dtype)
+  C = min(chunk, S)
+  q_r = _rows(q, K)                                                          # [B, K, R, H]
+  R = q_r.shape[2]
+  pos = _row_positions(inp)[..., None]                                       # [B, 1, R, 1]
+
+  def body(c, carry):
+    acc, m, l, bad = carry
+    start = jnp.minimum(c * C, S - C)
+    k_c = lax.dynamic_slice_in_dim(k, start, C, axis=1)                      # [B, C, K, H]
+    v_c = lax.dynamic_slice_in_dim(v, start, C, axis=1)
+    cols = start + jnp.arange(C, dtype=jnp.int32)
+    cols = jnp.where(cols >= c * C, cols, -1)[None, None, None, :]           # [1, 1, 1, C]
+    vis = visible(pos, cols, inp.window_left)                                # [B, 1, R, C]
+    s = _logits(inp, jnp.einsum("bkrh,bckh->bkrc", q_r, k_c, preferred_element_type=cd, precision=prec))
+    s = jnp.where(vis, s, -jnp.inf)
+    v_ok = jnp.isfinite(v_c)
+    v_bad = jnp.transpose(~jnp.all(v_ok, axis=-1), (0, 2, 1))[:, :, None, :]  # [B, K, 1, C]
+    bad = bad | jnp.any(vis & v_bad, axis=-1)
+    v_c = jnp.where(v_ok, v_c, jnp.zeros_like(v_c))
+    m_new = jnp.maximum(m, jnp.max(s, axis=-1))
+    m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0)
+    p = jnp.where(vis, jnp.exp(s - m_safe[..., None]), 0)
+    corr = jnp.where(jnp.isneginf(m), 0, jnp.exp(m - m_safe))
+    l = l * corr + jnp.sum(p, axis=-1)
+    acc = acc * corr[..., None] + jnp.einsum("bkrc,bcke->bkre", p.astype(v.dtype), v_c, preferred_element_type=cd,
+                                             precision=prec)
+    return acc, m_new, l, bad
+
+  init = (jnp.zeros((B, K, R, Hv), cd), jnp.full((B, K, R), -jnp.inf, cd), jnp.zeros((B, K, R), cd),
+          jnp.zeros((B, K, R), bool))
+  acc, _, l, bad = lax.fori_loop(0, -(-S // C), body, init)
+  out = acc / jnp.where(l > 0, l, 1)[..., None]
+  out = jnp.where(bad[..., None], jnp.nan, out)
+  return _unrows(out, Tq).astype(q.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -241,3 +241,22 @@ def test_bad_shapes():
     aj.paged_decode_attention(q, kp, vp, table[:2], kv_lengths=lens)
   with pytest.raises(ValueError, match=r"kv_lengths must lie in \[0, 40\]"):
     aj.paged_decode_attention(q, kp, vp, table, kv_lengths=jnp.asarray([41, 1, 1]))
+
+
+@pytest.mark.parametrize("chunk", [8, 16, 37])
+def test_cleaning_fallback_in_chunks(chunk):
+  """The select-only path the fast implementations fall back to when their output is not finite: chunks that
+  divide the cache, that do not (the last one shifted back), and one chunk; hidden NaN stays out, visible NaN
+  poisons exactly its queries."""
+  q, k, v, lens = _case(seed=9, Tq=3, lengths=(37, 12, 2))
+  k = k.at[1, 12:].set(jnp.nan).at[0, :10].set(jnp.inf)
+  v = v.at[1, 12:].set(jnp.nan).at[0, :10].set(jnp.nan).at[2, 0, 1].set(jnp.nan)
+  inp = decode.prepare(q, k, v, kv_lengths=lens, local_window_size=20)
+  out = np.asarray(decode._clean_core(inp, chunk=chunk))
+  clean = lambda x: jnp.nan_to_num(x, nan=0.0, posinf=0.0, neginf=0.0)
+  expected = np_decode(q, clean(k), clean(v), lens, window=20)
+  # Row 2 (length 2, Tq = 3): queries at positions -1, 0, 1; kv head 1 (query heads 2, 3) has a NaN value at 0.
+  assert np.isnan(out[2, 1:, 2:]).all()
+  assert_close(out[2, 1:, :2], expected[2, 1:, :2], jnp.float32)
+  np.testing.assert_array_equal(out[2, 0], 0.0)                              # position -1: no entry
+  assert_close(out[:2], expected[:2], jnp.float32)
