@@ -15,6 +15,8 @@
 # ZOOLOGY_BUDGET_S > 0 runs the Zoology MQAR sweep (compare --preset=zoology at T=ZOOLOGY_SEQ_LENS, default
 # 64,128,256,512; resumable: ZOOLOGY_RESUME=<results.json of an earlier run> keeps its finished runs; results under
 # $OUT/zoology), and times the linear recurrences (chunked RetNet / GLA / DeltaNet against cuDNN, bf16 T=16K);
+# DECODE_BUDGET_S > 0 runs the decode kernels' tests compiled and experiments/decode_bench.py --preset=gpu (decode
+# attention against context to 1M, the bandwidth at 64K next to cuDNN / XLA / jax's decode op; under $OUT/decode);
 # TUNE_BUDGET_S > 0 runs experiments/tune_blocks.py last (TUNE_HEAD_DIMS x TUNE_DTYPES; rows under $OUT/tune.json).
 set -uo pipefail
 OUT=${OUT:-/tmp}
@@ -116,6 +118,17 @@ if [ "$ZOOLOGY_BUDGET_S" -gt 0 ]; then
     --workdir="$OUT/zoology" --budget_s="$ZOOLOGY_BUDGET_S" > "$OUT/zoology.log" 2>&1
   echo "zoology exit: $?"; grep -c '"variant"' "$OUT/zoology/results.json" || true
   sed -n '/mean/,/^$/p' "$OUT/zoology/results.md" | head -40
+fi
+
+DECODE_BUDGET_S=${DECODE_BUDGET_S:-120}
+if [ "$DECODE_BUDGET_S" -gt 0 ]; then
+  echo "== 3e. decode attention: compiled decode-kernel tests, then bandwidth at 64K (bf16 B=8 N=32 K=8 H=128)"
+  timeout $((DECODE_BUDGET_S / 3)) python -m pytest -q -p no:cacheprovider -rs tests/test_decode.py \
+    tests/test_decode_gpu.py -k "pallas and not tpu or gpu" > "$OUT/decode_tests.log" 2>&1
+  echo "decode tests exit: $?"; tail -3 "$OUT/decode_tests.log"
+  timeout $((DECODE_BUDGET_S * 2 / 3 + 60)) python -m experiments.decode_bench --preset=gpu \
+    --budget_s=$((DECODE_BUDGET_S * 2 / 3)) --workdir="$OUT/decode" > "$OUT/decode_bench.log" 2>&1
+  echo "decode bench exit: $?"; grep -v "^W\|^I" "$OUT/decode_bench.log" | grep "L=" | head -40
 fi
 
 if [ "$TUNE_BUDGET_S" -gt 0 ]; then

@@ -6,7 +6,7 @@ import shlex
 import pytest
 from absl import app, flags
 
-from experiments import (analyze_heads, bench_kernels, compare, extrapolation, mask_agreement, scaling,
+from experiments import (analyze_heads, bench_kernels, compare, decode_bench, extrapolation, mask_agreement, scaling,
                          seq2seq_alignment, tune_blocks)
 from experiments import config as config_lib
 from experiments.config import setting
@@ -108,6 +108,7 @@ EXPERIMENTS = {
     "seq2seq_alignment": (seq2seq_alignment.Config, seq2seq_alignment.PRESETS, seq2seq_alignment.WORKDIR),
     "analyze_heads": (analyze_heads.HeadsConfig, analyze_heads.PRESETS, analyze_heads.WORKDIR),
     "extrapolation": (extrapolation.Config, extrapolation.PRESETS, extrapolation.WORKDIR),
+    "decode_bench": (decode_bench.DecodeBenchConfig, decode_bench.PRESETS, decode_bench.WORKDIR),
 }
 
 # The command lines of README.md, docs/*.md, the module docstrings and gpu_check.sh, with what they must mean
@@ -199,6 +200,10 @@ DOCUMENTED = [
      dict(implementations=("pallas", "flex"), causal=(True,))),
     ("bench_kernels", "--implementations=flex,flex:window=1024 --causal=true --seq_lens=32768 --repeats=5",
      dict(implementations=("flex", "flex:window=1024"), seq_lens=(32768,))),
+    ("decode_bench", "--workdir=runs/decode_cpu", dict(workdir="runs/decode_cpu", batch=1, heads=8, kv_heads=1,
+                                                       head_dim=64, dtype="float32", sweep_context=32768)),
+    ("decode_bench", "--preset=gpu --workdir=runs/decode_gpu", dict(batch=8, heads=32, kv_heads=8, head_dim=128,
+                                                                    dtype="bfloat16", sweep_context=65536)),
 ]
 
 
