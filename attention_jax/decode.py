@@ -22,7 +22,8 @@ Semantics (shared by every implementation):
   softmax and accumulation in float32 (float64 for float64 inputs); output in the query dtype.
 
 Implementations: ``"reference"`` (the dense formula), ``"xla"`` / ``"cudnn"`` (the same call through
-``jax.nn.dot_product_attention``: the dense baseline), ``"blockwise"`` (split-K in pure JAX, any backend),
+``jax.nn.dot_product_attention``: the dense baseline; like jax.nn they drop a visible ``-inf`` key entry instead
+of returning NaN), ``"blockwise"`` (split-K in pure JAX, any backend),
 ``"pallas"`` (GPU, Triton lowering) and ``"pallas_tpu"`` (TPU, Mosaic lowering); the Pallas kernels run in
 interpret mode on CPU. ``paged_decode_attention`` takes a page pool ``[P, page_size, K, H]`` and a page table
 ``[B, max_pages]`` instead of a contiguous cache.
@@ -164,6 +165,10 @@ def visible(pos: jax.Array, j: jax.Array, window_left: int | None) -> jax.Array:
 
 
 def _logits(inp: DecodeInputs, s: jax.Array) -> jax.Array:
+  """Scaled (and soft-capped) logits; a non-finite one (a non-finite query or cache entry) becomes NaN, so a visible
+  ``-inf`` key poisons its query instead of silently dropping out, and the cap cannot flatten an ``inf``. Hidden
+  entries are selected away afterwards, NaN or not."""
+  s = jnp.where(jnp.isfinite(s), s, jnp.nan)
   s = s * jnp.asarray(inp.scale, s.dtype)
   if inp.logits_soft_cap is not None:
     cap = jnp.asarray(inp.logits_soft_cap, s.dtype)

@@ -129,6 +129,7 @@ def _update(cfg: _Config, q, pos, k, v, cols, carry):
   ``< 0`` are columns to skip)."""
   acc, m, l, bad = carry
   s = _dot(q, k.T)
+  s = jnp.where(jnp.isfinite(s), s, jnp.nan)   # a visible non-finite key poisons its row (hidden ones: selected away)
   if cfg.soft_cap is None:
     s = s * (cfg.scale * LOG2E)
   else:
