@@ -4,7 +4,8 @@
   ``flax.nnx.MultiHeadAttention`` and ``flax.linen.MultiHeadDotProductAttention``; ``make_attention_fn("flex",
   score_mod=..., mask_mod=...)`` runs :func:`attention_jax.flex.flex_attention` with mods (ALiBi, document masks);
 * :class:`MultiHeadAttention` is an NNX module with the parameter layout of ``flax.nnx.MultiHeadAttention``
-  (weights copy across) whose backend is chosen by ``implementation=``;
+  (weights copy across) whose backend is chosen by ``implementation=``, with a decode mode over a KV cache
+  (``init_cache``, ``decode=True``) run by :func:`attention_jax.decode_attention`;
 * :class:`AdditiveAttention` (Bahdanau) and :class:`LuongAttention` (dot / general / concat) are the classic
   single-head attentions of RNN encoder-decoders, built on :mod:`attention_jax.scores`.
 
@@ -14,21 +15,24 @@ The semantics every function shares (layout, masks, residual, dtypes) are in doc
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from attention_jax import core, scores
+from attention_jax import decode as decode_lib
 from attention_jax._checks import positive_int
 
 # Implementations that form the attention weights, so they can apply attention dropout and sow weights.
 _WEIGHT_IMPLEMENTATIONS = (None, "auto", "reference")
 # Options fixed by make_attention_fn(..., **options) or passed per call by a caller such as our MultiHeadAttention.
 _CALL_OPTIONS = tuple(name for name in core.ATTENTION_KEYWORDS if name != "is_causal")
-# The scalar options among them, checked once by make_attention_fn.
+# The scalar options among them, checked once by make_attention_fn; decode mode honours exactly these.
 _SCALAR_OPTIONS = ("scale", "local_window_size", "logits_soft_cap")
 
 
@@ -140,6 +144,10 @@ def make_attention_fn(implementation: str | Sequence[str] | None = None, **optio
   reference already computes at the highest precision. Rows with no visible key give zeros (flax: the mean of
   the values). Complex inputs are refused on purpose with a ``ValueError``: softmax needs real logits.
 
+  In ``flax.nnx.MultiHeadAttention(decode=True)`` the adapter receives the whole cache ``[*B, max_length, K, H]``
+  as key/value (kv heads: GQA is not repeated) and flax's float occupancy mask ``[*B, 1, 1, max_length]``; it is a
+  mask like any other, so cache entries past the index stay hidden whatever they hold.
+
   ``implementation="flex"`` runs :func:`attention_jax.flex.flex_attention` instead, with the options
   ``score_mod(score, b, n, q_idx, kv_idx)``, ``mask_mod(b, n, q_idx, kv_idx)`` (e.g. from
   :mod:`attention_jax.mods`), ``block_size`` (default 128), ``flex_implementation`` (flex_attention's
@@ -211,6 +219,7 @@ def make_attention_fn(implementation: str | Sequence[str] | None = None, **optio
     return out
 
   attention_fn.implementation = implementation
+  attention_fn.options = tuple(options.items())
   return attention_fn
 
 
@@ -325,6 +334,19 @@ class MultiHeadAttention(nnx.Module):
   ``logits_soft_cap``) are fixed at construction; masks, causality, sequence lengths and segment ids are
   per call. Attention runs through :func:`make_attention_fn` (dropout and ``sow_weights`` need
   ``implementation`` None, "auto" or "reference"); complex inputs or parameters are refused with a ``ValueError``.
+
+  Decode mode (``decode=True`` at construction or per call, as in flax) keeps a KV cache: ``init_cache`` allocates
+  ``cached_key`` / ``cached_value`` ``[batch..., max_length, num_kv_heads, head_dim]`` (kv heads, never repeated
+  for GQA) and a per-row ``cache_index`` int32 ``[batch...]``. A call with ``Tq >= 1`` new tokens writes their
+  keys/values at ``cache_index .. cache_index + Tq`` of each row, advances the index and runs
+  :func:`attention_jax.decode_attention` (``decode_implementation``, ``decode_num_splits``) with the module's
+  ``scale`` / ``local_window_size`` / ``logits_soft_cap``: each new token sees the cache up to itself. ``Tq = 1``
+  is plain decoding; ``Tq > 1`` prefills in chunks or checks speculative tokens. Rows advance together, but the
+  index is per row: set ``cache_index[...]`` to rewind rows (rejected speculative tokens) or to give each row its
+  own length after a right-padded prefill; entries at or beyond a row's index are never read, whatever they hold.
+  Writing past ``max_length`` raises ``ValueError`` when the index is concrete (eager calls); under ``jit`` it is
+  traced, so the writes past the end are dropped (never clamped onto valid entries), that row's output is NaN and
+  its index still advances.
   """
 
   def __init__(self, num_heads: int, in_features: int, qkv_features: int | None = None,
@@ -333,7 +355,9 @@ class MultiHeadAttention(nnx.Module):
                broadcast_dropout: bool = True, deterministic: bool | None = None, dtype: Any = None,
                param_dtype: Any = jnp.float32, use_bias: bool = True,
                kernel_init: Callable = jax.nn.initializers.lecun_normal(),
-               bias_init: Callable = jax.nn.initializers.zeros, rngs: nnx.Rngs, **attention_options):
+               bias_init: Callable = jax.nn.initializers.zeros, decode: bool = False,
+               decode_implementation: str | Sequence[str] | None = None, decode_num_splits: int | None = None,
+               rngs: nnx.Rngs, **attention_options):
     qkv_features = in_features if qkv_features is None else qkv_features
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     in_kv = in_features if in_kv_features is None else in_kv_features
@@ -348,12 +372,22 @@ class MultiHeadAttention(nnx.Module):
     if qkv_features % num_heads:
       raise ValueError(f"MultiHeadAttention: qkv_features={qkv_features} must be divisible by num_heads={num_heads}")
     _check_rate("MultiHeadAttention: dropout_rate", dropout_rate)
+    if not isinstance(decode, bool):
+      raise TypeError(f"MultiHeadAttention: decode must be a bool; got {decode!r}")
+    core.resolve_names(decode_implementation, decode_lib.IMPLEMENTATIONS, (), "MultiHeadAttention decode ")
+    if decode_num_splits is not None:
+      positive_int("decode_num_splits", decode_num_splits, context="MultiHeadAttention")
     self.head_dim = qkv_features // num_heads
     self.in_features = in_features
     self.dropout_rate = dropout_rate
     self.broadcast_dropout = broadcast_dropout
     self.deterministic = deterministic
     self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.decode = decode
+    self.decode_implementation = (decode_implementation if decode_implementation is None
+                                  or isinstance(decode_implementation, str) else tuple(decode_implementation))
+    self.decode_num_splits = decode_num_splits
     self.attention_fn = make_attention_fn(implementation, **attention_options)
     dense = lambda i, o, **kw: nnx.LinearGeneral(i, o, dtype=dtype, param_dtype=param_dtype, use_bias=use_bias,
                                                  kernel_init=kernel_init, bias_init=bias_init, rngs=rngs, **kw)
@@ -363,14 +397,43 @@ class MultiHeadAttention(nnx.Module):
     self.value = dense(in_kv, (self.num_kv_heads, self.head_dim))
     self.out = dense((num_heads, self.head_dim), out_features, axis=(-2, -1))
     self.rngs = rngs.dropout.fork() if dropout_rate > 0 else None
+    self.cached_key: nnx.Cache | None = nnx.data(None)
+    self.cached_value: nnx.Cache | None = nnx.data(None)
+    self.cache_index: nnx.Cache | None = nnx.data(None)
+
+  def init_cache(self, input_shape: Sequence[int], dtype: Any = None) -> None:
+    """Allocates an empty KV cache for inputs of shape ``input_shape = [batch..., max_length, in_features]``.
+
+    ``cached_key`` / ``cached_value``: zeros ``[batch..., max_length, num_kv_heads, head_dim]`` in ``dtype``
+    (default: the module's ``dtype``, else ``param_dtype``); ``cache_index``: int32 zeros ``[batch...]``. Calling
+    it again starts over.
+    """
+    shape = tuple(input_shape) if isinstance(input_shape, (Sequence, np.ndarray)) else None
+    if (shape is None or len(shape) < 2 or shape[-1] != self.in_features
+        or not all(isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in shape)):
+      raise ValueError(f"MultiHeadAttention.init_cache: input_shape must be [batch..., max_length, "
+                       f"in_features={self.in_features}] of non-negative ints; got input_shape={input_shape!r}")
+    positive_int("max_length", shape[-2], context="MultiHeadAttention.init_cache")
+    dtype = jnp.dtype((self.param_dtype if self.dtype is None else self.dtype) if dtype is None else dtype)
+    if not jnp.issubdtype(dtype, jnp.floating):
+      raise ValueError(f"MultiHeadAttention.init_cache: dtype must be a real floating dtype; got {dtype}")
+    shape = tuple(int(d) for d in shape)
+    cache_shape = (*shape[:-1], self.num_kv_heads, self.head_dim)
+    self.cached_key = nnx.Cache(jnp.zeros(cache_shape, dtype))
+    self.cached_value = nnx.Cache(jnp.zeros(cache_shape, dtype))
+    self.cache_index = nnx.Cache(jnp.zeros(shape[:-2], jnp.int32))
 
   def __call__(self, inputs_q: jax.Array, inputs_k: jax.Array | None = None, inputs_v: jax.Array | None = None,
                *, mask: jax.Array | None = None, bias: jax.Array | None = None, is_causal: bool = False,
                deterministic: bool | None = None, rngs: nnx.Rngs | None = None, sow_weights: bool = False,
-               **call_options) -> jax.Array:
+               decode: bool | None = None, **call_options) -> jax.Array:
     """``inputs_q [batch..., T, in_features]`` -> ``[batch..., T, out_features]``.
 
     ``call_options``: ``query_seq_lengths``, ``key_value_seq_lengths``, ``q_segment_ids``, ``kv_segment_ids``.
+    ``decode`` (default: the constructor's) runs one decode step over the cache (see the class docstring): the
+    ``T`` new tokens attend causally to the cache and to each other, ``is_causal`` is implied; masks, biases,
+    per-call options, ``sow_weights`` and attention dropout (``deterministic=False``) do not apply to a cache and
+    raise ``ValueError``.
     """
     if inputs_k is None and inputs_v is not None:
       raise ValueError("MultiHeadAttention: inputs_k cannot be None when inputs_v is given (pass the same array "
@@ -383,6 +446,10 @@ class MultiHeadAttention(nnx.Module):
         raise ValueError(f"MultiHeadAttention: {name} must be [batch..., length, {features}]; got "
                          f"{name}.shape={jnp.shape(x)}")
     deterministic = self.deterministic if deterministic is None else deterministic
+    decode = self.decode if decode is None else decode
+    if decode:
+      return self._decode_step(inputs_q, inputs_k, inputs_v, mask=mask, bias=bias, deterministic=deterministic,
+                               sow_weights=sow_weights, call_options=call_options)
     dropout_rng = None
     if self.dropout_rate > 0:
       if deterministic is None:
@@ -398,6 +465,86 @@ class MultiHeadAttention(nnx.Module):
         deterministic=bool(deterministic), dtype=self.dtype, module=self if sow_weights else None,
         is_causal=is_causal, **call_options)
     return self.out(x)
+
+  def _decode_options(self) -> dict[str, Any]:
+    """The construction options decode mode honours (``ValueError`` for any other)."""
+    if getattr(self.attention_fn, "implementation", None) == "flex":
+      raise ValueError("MultiHeadAttention: decode mode runs decode_attention, which takes no score_mod / mask_mod; "
+                       "implementation='flex' has no decode mode (use flax.nnx.MultiHeadAttention(decode=True, "
+                       "attention_fn=make_attention_fn('flex', ...)) for a cache with mods)")
+    options = dict(self.attention_fn.options)
+    other = sorted(set(options) - set(_SCALAR_OPTIONS))
+    if other:
+      raise ValueError(f"MultiHeadAttention: decode mode takes only the options {_SCALAR_OPTIONS}; the options "
+                       f"{other} fixed at construction do not apply to a KV cache")
+    return options
+
+  def _decode_step(self, inputs_q: jax.Array, inputs_k: jax.Array, inputs_v: jax.Array, *, mask, bias,
+                   deterministic: bool | None, sow_weights: bool, call_options: dict) -> jax.Array:
+    """One decode step: write the new keys/values into the cache, attend, advance ``cache_index``."""
+    refused = [name for name, given in (("mask", mask is not None), ("bias", bias is not None),
+                                        ("sow_weights", sow_weights)) if given] + sorted(call_options)
+    if refused:
+      raise ValueError(f"MultiHeadAttention: {refused} do not apply in decode mode (each new token sees the cache "
+                       "up to itself; set cache_index per row for ragged lengths)")
+    if self.dropout_rate > 0 and deterministic is False:
+      raise ValueError(f"MultiHeadAttention: attention dropout (dropout_rate={self.dropout_rate}, "
+                       "deterministic=False) does not apply in decode mode (decode_attention never forms the "
+                       "weights); pass deterministic=True")
+    options = self._decode_options()
+    if self.cached_key is None or self.cached_value is None or self.cache_index is None:
+      raise ValueError("MultiHeadAttention: decode mode needs a KV cache; call init_cache([batch..., max_length, "
+                       f"{self.in_features}]) first")
+    cache_k, cache_v, index = self.cached_key[...], self.cached_value[...], self.cache_index[...]
+    if (cache_k.ndim < 3 or cache_k.shape[-2:] != (self.num_kv_heads, self.head_dim)
+        or cache_v.shape != cache_k.shape):
+      raise ValueError(f"MultiHeadAttention: the KV cache must be [batch..., max_length, num_kv_heads="
+                       f"{self.num_kv_heads}, head_dim={self.head_dim}] for keys and values alike; got "
+                       f"cached_key.shape={cache_k.shape} cached_value.shape={cache_v.shape}")
+    *batch, S, K, H = cache_k.shape
+    batch = tuple(batch)
+    Tq = jnp.shape(inputs_q)[-2]
+    for name, x in (("inputs_q", inputs_q), ("inputs_k", inputs_k), ("inputs_v", inputs_v)):
+      if tuple(jnp.shape(x)[:-1]) != batch + (Tq,):
+        raise ValueError(f"MultiHeadAttention: in decode mode {name} must be [batch..., Tq, features] with the "
+                         f"cache's batch dims {batch} and Tq={Tq} new tokens; got {name}.shape={jnp.shape(x)}, "
+                         f"cached_key.shape={cache_k.shape}")
+    if jnp.shape(index) not in ((), batch) or not jnp.issubdtype(jnp.asarray(index).dtype, jnp.integer):
+      raise ValueError(f"MultiHeadAttention: cache_index must be an integer array [batch...]={batch} (or a scalar); "
+                       f"got shape={jnp.shape(index)} dtype={jnp.asarray(index).dtype}")
+    if not isinstance(index, jax.core.Tracer):
+      values = jnp.broadcast_to(index, batch)
+      if values.size and (int(values.min()) < 0 or int(values.max()) + Tq > S):
+        raise ValueError(f"MultiHeadAttention: KV cache overflow: cache_index={values.tolist()} + Tq={Tq} new "
+                         f"tokens exceeds max_length={S} (cached_key.shape={cache_k.shape}); call "
+                         "init_cache with a larger max_length")
+    B = math.prod(batch)
+    q = self.query(inputs_q).astype(cache_k.dtype).reshape(B, Tq, self.num_heads, H)
+    start_B = jnp.broadcast_to(index, batch).reshape(B).astype(jnp.int32)
+    cache_k = _write_cache(cache_k.reshape(B, S, K, H), self.key(inputs_k).reshape(B, Tq, K, H), start_B)
+    cache_v = _write_cache(cache_v.reshape(B, S, K, H), self.value(inputs_v).reshape(B, Tq, K, H), start_B)
+    end_B = start_B + Tq
+    x = decode_lib.decode_attention(q, cache_k, cache_v, kv_lengths=jnp.clip(end_B, 0, S),
+                                    num_splits=self.decode_num_splits, implementation=self.decode_implementation,
+                                    **options)
+    # Traced overflow (index < 0 or index + Tq > max_length): writes past the cache were dropped, the row is NaN.
+    x = jnp.where(((start_B < 0) | (end_B > S))[:, None, None, None], jnp.asarray(jnp.nan, x.dtype), x)
+    self.cached_key[...] = cache_k.reshape(self.cached_key.shape)
+    self.cached_value[...] = cache_v.reshape(self.cached_value.shape)
+    self.cache_index[...] = (jnp.asarray(index) + Tq).astype(jnp.asarray(index).dtype)
+    return self.out(x.reshape(*batch, Tq, self.num_heads, H))
+
+
+@jax.jit
+def _write_cache(cache_BSKH: jax.Array, new_BTKH: jax.Array, start_B: jax.Array) -> jax.Array:
+  """``cache[b, start[b] + t] = new[b, t]`` (cast to the cache dtype); positions outside ``[0, S)`` are dropped,
+  never clamped or wrapped onto valid entries."""
+  B, Tq = new_BTKH.shape[:2]
+  S = cache_BSKH.shape[1]
+  pos_BT = start_B[:, None] + jnp.arange(Tq, dtype=jnp.int32)[None, :]
+  pos_BT = jnp.where(pos_BT < 0, S, pos_BT)
+  row_BT = jnp.broadcast_to(jnp.arange(B, dtype=jnp.int32)[:, None], (B, Tq))
+  return cache_BSKH.at[row_BT, pos_BT].set(new_BTKH.astype(cache_BSKH.dtype), mode="drop")
 
 
 def _as_params(module: nnx.Module, names: tuple[str, ...]) -> dict[str, jax.Array]:
