@@ -122,8 +122,8 @@ def state_size(spec: str, *, seq_len: int, d_model: int, num_heads: int) -> int:
   """Floats one layer keeps to decode the next token after ``seq_len`` tokens (Zoology's "state size").
 
   With ``H = d_model / num_heads``: exact attention keeps its KV cache, ``2 T d_model`` (also the sparse patterns
-  with global or strided keys, which a future query may read anywhere); ``local:W`` / ``xla_local:W``, a window of
-  ``2 min(W, T) d_model``; ``linear_elu`` / ``linear_relu``, ``N (H H + H)`` (sum of ``phi(k) v^T`` and normaliser
+  with global or strided keys, which a future query may read anywhere); ``local:W`` / ``xla_local:W``, the
+  window's cache ``2 min(W + 1, T) d_model`` (a causal query sees itself and the ``W`` keys before it); ``linear_elu`` / ``linear_relu``, ``N (H H + H)`` (sum of ``phi(k) v^T`` and normaliser
   ``z``); ``favor:M``, ``N (M H + M)``; ``taylor``, ``N (D H + D)`` with ``D = 1 + H + H(H+1)/2``;
   ``based:W``, the same with Based's 16 features (D = 153) plus the window's cache ``2 min(W, T) d_model``;
   ``retnet`` / ``gla`` / ``deltanet``, the matrix state ``N H H``. Short-convolution buffers are not counted.
@@ -147,7 +147,7 @@ def state_size(spec: str, *, seq_len: int, d_model: int, num_heads: int) -> int:
   if name in ("retnet", "gla", "deltanet"):
     return N * H * H
   if name in ("local", "xla_local"):
-    return 2 * min(int(arg or 256), T) * d_model
+    return 2 * min(int(arg or 256) + 1, T) * d_model
   if name in (*SOFTMAX_KINDS, *FLEX_KINDS, "nope", "ring", "strided", "fixed", "bigbird"):
     return 2 * T * d_model
   raise ValueError(f"unknown attention variant {spec!r}")

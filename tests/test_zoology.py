@@ -115,7 +115,7 @@ def test_state_sizes():
   want = {
       "softmax": 16384,          # 2 T d
       "blockwise": 16384,
-      "local:16": 2048,          # 2 W d
+      "local:16": 2176,          # 2 (W + 1) d: a causal query sees itself and W keys before it
       "local:256": 16384,        # the window is capped at T
       "linear_elu": 2112,        # N (H H + H) = 2 (1024 + 32)
       "favor:64": 4224,          # N (M H + M) = 2 (2048 + 64)
