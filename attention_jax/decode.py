@@ -335,9 +335,10 @@ def default_num_splits(S: int, backend: str | None = None) -> int:
   return max(1, min(S // 1024, 64))
 
 
-def _split_partials(inp: DecodeInputs, num_splits: int):
+def _split_partials(inp: DecodeInputs, num_splits: int, reduce_form: bool | None = None):
   """Per split: the normalised partial output ``[B, K, n, R, Hv]`` and logsumexp ``[B, K, n, R]`` (compute dtype),
-  rows ``R = G·Tq`` packed per kv head."""
+  rows ``R = G·Tq`` packed per kv head. ``reduce_form`` computes the products as fused multiply-reductions instead
+  of dots (None: on CPU when there are several kv heads)."""
   q, k, v = inp.query, inp.key, inp.value
   B, Tq, N, H = q.shape
   S, K = k.shape[1:3]
@@ -349,11 +350,15 @@ def _split_partials(inp: DecodeInputs, num_splits: int):
     k, v = (_numerics.pad_axis(x, 1, Sp) for x in (k, v))
   k_s, v_s = k.reshape(B, n, L, K, H), v.reshape(B, n, L, K, -1)
   q_r = _rows(q, K)                                                       # [B, K, R, H]
+  j = (jnp.arange(n, dtype=jnp.int32)[:, None] * L + jnp.arange(L, dtype=jnp.int32)[None, :])   # [n, L]
+  pos = _row_positions(inp)                                                # [B, 1, R]
+  if reduce_form is None:   # measured on XLA:CPU (docs/BENCHMARKS.md): dots win only with one contiguous kv head
+    reduce_form = jax.default_backend() == "cpu" and K > 1
+  if reduce_form:
+    return _split_partials_reduce(inp, q_r, k_s, v_s, j, pos, cd)
   prec = _numerics.matmul_precision(q.dtype)
   s = jnp.einsum("bkrh,bnlkh->bknrl", q_r, k_s, preferred_element_type=cd, precision=prec)
   s = _logits(inp, s)
-  j = (jnp.arange(n, dtype=jnp.int32)[:, None] * L + jnp.arange(L, dtype=jnp.int32)[None, :])   # [n, L]
-  pos = _row_positions(inp)                                                # [B, 1, R]
   vis = visible(pos[:, :, None, :, None], j[None, None, :, None, :], inp.window_left)   # [B, 1, n, R, L]
   s = jnp.where(vis, s, -jnp.inf)
   m = jnp.max(s, axis=-1)
@@ -367,11 +372,30 @@ def _split_partials(inp: DecodeInputs, num_splits: int):
   return o, lse
 
 
-def blockwise_core(inp: DecodeInputs, num_splits: int | None = None) -> jax.Array:
+def _split_partials_reduce(inp: DecodeInputs, q_r, k_s, v_s, j, pos, cd):
+  """:func:`_split_partials` as broadcast multiplies fused into reductions, in the cache's own layout
+  ``[B, n, L, K, ...]``: XLA:CPU reads the cache once this way, where its dot with the kv heads strided in the
+  cache is 2-6x slower; with one kv head the dot is about 2x faster (measured: docs/BENCHMARKS.md "CPU: decode
+  attention")."""
+  qb = q_r.astype(cd)[:, None, None]                                      # [B, 1, 1, K, R, H]
+  s = _logits(inp, jnp.sum(k_s.astype(cd)[:, :, :, :, None, :] * qb, axis=-1))   # [B, n, L, K, R]
+  vis = visible(pos[:, :, None, None, :], j[None, :, :, None, None], inp.window_left)   # [B, n, L, 1, R]
+  s = jnp.where(vis, s, -jnp.inf)
+  m = jnp.max(s, axis=2)                                                  # [B, n, K, R]
+  m_safe = jnp.where(jnp.isfinite(m), m, 0)
+  p = jnp.where(vis, jnp.exp(s - m_safe[:, :, None]), 0)
+  denom = jnp.sum(p, axis=2)
+  o = jnp.sum(p.astype(v_s.dtype).astype(cd)[..., None] * v_s.astype(cd)[:, :, :, :, None, :], axis=2)  # [B,n,K,R,E]
+  o = o / jnp.where(denom > 0, denom, 1)[..., None]
+  lse = jnp.where(denom > 0, m_safe + jnp.log(jnp.where(denom > 0, denom, 1)), -jnp.inf)
+  return jnp.transpose(o, (0, 2, 1, 3, 4)), jnp.transpose(lse, (0, 2, 1, 3))
+
+
+def blockwise_core(inp: DecodeInputs, num_splits: int | None = None, reduce_form: bool | None = None) -> jax.Array:
   """Split-K in pure JAX: the splits are one batched computation, then one logsumexp merge."""
   B, Tq = inp.query.shape[:2]
   n = default_num_splits(inp.key.shape[1]) if num_splits is None else num_splits
-  o, lse = _split_partials(inp, n)
+  o, lse = _split_partials(inp, n, reduce_form)
   fast = _unrows(merge_splits(o, lse, axis=2), Tq).astype(inp.query.dtype)
   return _guarded(inp, fast)
 

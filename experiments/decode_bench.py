@@ -12,6 +12,9 @@ every cache entry valid) and records
 * for softmax: ``bandwidth_gb_s`` = bytes of KV cache read / time (every implementation reads the whole cache
   once), and its fraction of ``--peak_gb_s`` when given.
 
+Then whole experiment Transformers (``--model_variants``, experiments/generate.py) generate at positions
+``--model_contexts``: milliseconds per token and the bytes of every layer's decode state.
+
 Softmax implementations: ``jax_nn`` (``jax.nn.dot_product_attention`` with ``key_value_seq_lengths``: the plain
 dense call a user would write), ours through ``aj.decode_attention`` ("xla", "blockwise", "pallas", "cudnn"), and
 ``jax_decode`` (jax's bundled Triton ``decode_attention.gqa``, GPU only). Recurrent variants: ``linear_elu``
@@ -63,6 +66,11 @@ class DecodeBenchConfig:
   repeats: int = setting(7, "Timed repeats (median).")
   peak_gb_s: float = setting(0.0, "Memory bandwidth peak for the fraction column (0: from the device kind).")
   budget_s: float = setting(0.0, "Start no new measurement after this many seconds (0: no limit).")
+  model_variants: tuple[str, ...] = setting(("softmax", "local:256", "linear_elu", "deltanet"),
+                                            "Experiment Transformers generating token by token (empty: none).")
+  model_contexts: tuple[int, ...] = setting((1024, 4096, 16384, 65536), "Positions the model generates at.")
+  model_d: int = setting(64, "The generating models' d_model (2 heads, 2 layers, vocabulary 128).")
+  model_steps: int = setting(16, "Tokens generated per timed repeat.")
 
 
 PRESETS = {
@@ -182,6 +190,36 @@ def measure(config: DecodeBenchConfig, impl: str, L: int, num_splits: int | None
   return row
 
 
+def measure_model(config: DecodeBenchConfig, spec: str, L: int) -> dict:
+  """Whole-model generation at position ``L``: seconds per token of ``generate``'s decode step (``model_steps``
+  back-to-back steps from Python, the cache donated and updated in place) and the bytes of the model's decode
+  state (``generate.cache_bytes``: every layer's cache or recurrent state)."""
+  import jax
+  import jax.numpy as jnp
+  from flax import nnx
+
+  from experiments import generate, models
+  row = dict(variant=spec, context=L, d_model=config.model_d, batch=config.batch)
+  n = config.model_steps
+  model = models.TransformerLM(128, config.model_d, 2, 2, L + n, attention=spec, rngs=nnx.Rngs(0))
+  step = generate.make_decode_step(model)
+  cache = generate.init_cache(model, config.batch, L + n)
+  row["state_bytes"] = generate.cache_bytes(cache)
+  tokens = jnp.zeros((config.batch,), jnp.int32)
+  logits, cache = step(cache, tokens, L - 1)   # compile; the cache contents do not change the work
+  jax.block_until_ready(logits)
+  times = []
+  for _ in range(config.repeats):
+    t0 = time.perf_counter()
+    for i in range(n):
+      logits, cache = step(cache, tokens, L + i)
+    jax.block_until_ready(logits)
+    times.append((time.perf_counter() - t0) / n)
+  seconds = statistics.median(times)
+  row.update(status="ok", time_ms=seconds * 1e3, tokens_per_s=config.batch / seconds)
+  return row
+
+
 def run(config: DecodeBenchConfig) -> dict:
   start = time.time()
   rows, sweep = [], []
@@ -212,8 +250,18 @@ def run(config: DecodeBenchConfig) -> dict:
   if config.sweep_context and config.sweep_context not in config.contexts:
     do_sweep()
   rows.sort(key=lambda r: r["context"])
+  model_rows = []
+  for L in config.model_contexts:
+    for spec in config.model_variants:
+      if over_budget():
+        model_rows.append(dict(variant=spec, context=L, status="skipped: budget"))
+        continue
+      r = measure_model(config, spec, L)
+      model_rows.append(r)
+      print(f"model {spec:18s} L={L:8d} {r['time_ms']:9.3f} ms/token  state {r['state_bytes'] / 2**20:9.3f} MiB",
+            flush=True)
   return dict(meta=common.run_metadata(), config=dataclasses.asdict(config), rows=rows, sweep=sweep,
-              wall_s=time.time() - start)
+              model_rows=model_rows, wall_s=time.time() - start)
 
 
 def _line(r: dict) -> str:
@@ -269,6 +317,15 @@ def report(data: dict) -> str:
                                     [[L, impl, f"{x:.2f}"] for L, impl, x in r], "rlr"), ""]
   if data["sweep"]:
     lines += [f"num_splits sweep at L = {c['sweep_context']}:", "", table(data["sweep"]), ""]
+  if data.get("model_rows"):
+    lines += [f"Whole experiment Transformer (d_model {c['model_d']}, 2 layers, 2 heads) generating at position L: "
+              "time per token and the decode state of all layers:", "",
+              common.markdown_table(
+                  ["variant", "context", "ms / token", "tokens/s", "decode state (MiB)"],
+                  [[r["variant"], r["context"], _fmt(r.get("time_ms"), ".3f"), _fmt(r.get("tokens_per_s"), ".0f"),
+                    _fmt(r["state_bytes"] / 2**20 if "state_bytes" in r else None, ".3f")]
+                   if r["status"] == "ok" else [r["variant"], r["context"], r["status"], "", ""]
+                   for r in data["model_rows"]], "lrrrr"), ""]
   return "\n".join(lines)
 
 

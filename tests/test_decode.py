@@ -92,6 +92,18 @@ def test_split_counts(num_splits):
   assert_close(out, np_decode(q, k, v, lens), jnp.float32)
 
 
+@pytest.mark.parametrize("reduce_form", [True, False])
+def test_blockwise_products_as_dots_and_as_reductions(reduce_form):
+  """Both ways blockwise forms its products (fused multiply-reductions on CPU, dots elsewhere), with splits that do
+  not divide the cache, GQA, Tq > 1, a window and a soft-cap, and bf16."""
+  for dtype in (jnp.float32, jnp.bfloat16):
+    q, k, v, lens = _case(seed=10, Tq=3, Hv=8, dtype=dtype, lengths=(37, 14, 2))
+    inp = decode.prepare(q, k, v, kv_lengths=lens, local_window_size=9, logits_soft_cap=4.0)
+    out = jax.jit(lambda inp: decode.blockwise_core(inp, 4, reduce_form=reduce_form))(inp)
+    assert out.dtype == dtype
+    assert_close(out, np_decode(q, k, v, lens, window=9, soft_cap=4.0), dtype)
+
+
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float64])
 @pytest.mark.parametrize("impl", ["reference", "blockwise"])
 def test_dtypes(dtype, impl):

@@ -16,7 +16,8 @@ def tiny(tmp_path_factory):
   config = config_lib.build(decode_bench.DecodeBenchConfig, decode_bench.PRESETS, "default",
                             implementations=("xla", "blockwise", "pallas", "linear_elu", "deltanet", "local:64"),
                             contexts=(256, 128), batch=2, heads=4, kv_heads=2, head_dim=16, num_splits=(1, 3),
-                            sweep_context=128, repeats=2)
+                            sweep_context=128, repeats=2, model_variants=("softmax", "deltanet"),
+                            model_contexts=(64, 128), model_d=16, model_steps=2)
   decode_bench.main(config, str(workdir))
   return workdir, json.load(open(workdir / "results.json"))
 
@@ -43,3 +44,15 @@ def test_state_bytes(tiny):
     assert state[("deltanet", L)] == B * N * H * H * 4                              # S [B, N, H, Hv]
     assert state[("linear_elu", L)] == B * K * (H * H + 2 * H) * 4                  # kv, z and log_scale
   assert state[("xla", 256)] == 2 * state[("xla", 128)]
+
+
+def test_model_rows(tiny):
+  """The generating models' decode state: softmax's KV caches double with the context, DeltaNet's state does not."""
+  workdir, data = tiny
+  state = {(r["variant"], r["context"]): r["state_bytes"] for r in data["model_rows"]}
+  assert all(r["status"] == "ok" and r["time_ms"] > 0 for r in data["model_rows"])
+  steps = 2
+  # 2 layers x (K and V) x B x (L + steps) x d_model floats (2 heads of 8).
+  assert state[("softmax", 64)] == 2 * 2 * 2 * (64 + steps) * 16 * 4
+  assert state[("deltanet", 64)] == state[("deltanet", 128)]
+  assert "Whole experiment Transformer" in open(workdir / "results.md").read()
