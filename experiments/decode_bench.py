@@ -16,7 +16,8 @@ Then whole experiment Transformers (``--model_variants``, experiments/generate.p
 ``--model_contexts``: milliseconds per token and the bytes of every layer's decode state.
 
 Softmax implementations: ``jax_nn`` (``jax.nn.dot_product_attention`` with ``key_value_seq_lengths``: the plain
-dense call a user would write), ours through ``aj.decode_attention`` ("xla", "blockwise", "pallas", "cudnn"), and
+dense call a user would write), ours through ``aj.decode_attention`` ("xla", "blockwise", "pallas", "pallas_tpu",
+"cudnn"), and
 ``jax_decode`` (jax's bundled Triton ``decode_attention.gqa``, GPU only). Recurrent variants: ``linear_elu``
 (``linear_attention_step``), ``retnet`` (``decayed_linear_attention_step``), ``deltanet``
 (``delta_rule_attention_step``); ``local:W`` is softmax decode over a W-entry window buffer. What cannot run here
@@ -41,7 +42,7 @@ from experiments import common
 from experiments import config as config_lib
 from experiments.config import setting
 
-SOFTMAX_IMPLS = ("jax_nn", "xla", "blockwise", "pallas", "cudnn", "jax_decode")
+SOFTMAX_IMPLS = ("jax_nn", "xla", "blockwise", "pallas", "pallas_tpu", "cudnn", "jax_decode")
 RECURRENT = ("linear_elu", "retnet", "deltanet")
 WORKDIR = "runs/decode_bench"
 MIN_REPEAT_S = 0.02
@@ -110,6 +111,8 @@ def softmax_step(impl: str, num_splits: int | None = None):
     return lambda q, k, v, n: jax_decode.gqa(q[:, 0], k, v, kv_seq_len=n)[:, None]
   if impl in ("pallas", "cudnn") and jax.default_backend() != "gpu":
     raise NotImplementedError(f"{impl} needs a GPU here (the Pallas kernel only runs interpreted on CPU)")
+  if impl == "pallas_tpu" and jax.default_backend() != "tpu":
+    raise NotImplementedError("pallas_tpu needs a TPU here (the Pallas kernel only runs interpreted on CPU)")
   return lambda q, k, v, n: aj.decode_attention(q, k, v, kv_lengths=n, implementation=impl, num_splits=num_splits)
 
 

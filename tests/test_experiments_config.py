@@ -202,6 +202,8 @@ DOCUMENTED = [
      dict(implementations=("flex", "flex:window=1024"), seq_lens=(32768,))),
     ("decode_bench", "--workdir=runs/decode_cpu", dict(workdir="runs/decode_cpu", batch=1, heads=8, kv_heads=1,
                                                        head_dim=64, dtype="float32", sweep_context=32768)),
+    ("decode_bench", "--implementations=jax_nn,xla,blockwise,pallas_tpu --dtype=bfloat16",
+     dict(implementations=("jax_nn", "xla", "blockwise", "pallas_tpu"), dtype="bfloat16")),
     ("decode_bench", "--preset=gpu --workdir=runs/decode_gpu", dict(batch=8, heads=32, kv_heads=8, head_dim=128,
                                                                     dtype="bfloat16", sweep_context=65536)),
 ]
