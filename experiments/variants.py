@@ -123,10 +123,11 @@ def state_size(spec: str, *, seq_len: int, d_model: int, num_heads: int) -> int:
 
   With ``H = d_model / num_heads``: exact attention keeps its KV cache, ``2 T d_model`` (also the sparse patterns
   with global or strided keys, which a future query may read anywhere); ``local:W`` / ``xla_local:W``, the
-  window's cache ``2 min(W + 1, T) d_model`` (a causal query sees itself and the ``W`` keys before it); ``linear_elu`` / ``linear_relu``, ``N (H H + H)`` (sum of ``phi(k) v^T`` and normaliser
-  ``z``); ``favor:M``, ``N (M H + M)``; ``taylor``, ``N (D H + D)`` with ``D = 1 + H + H(H+1)/2``;
-  ``based:W``, the same with Based's 16 features (D = 153) plus the window's cache ``2 min(W, T) d_model``;
-  ``retnet`` / ``gla`` / ``deltanet``, the matrix state ``N H H``. Short-convolution buffers are not counted.
+  window's cache ``2 min(W + 1, T) d_model`` (a causal query sees itself and the ``W`` keys before it);
+  ``linear_elu`` / ``linear_relu``, ``N (H H + H)`` (sum of ``phi(k) v^T`` and normaliser ``z``); ``favor:M``,
+  ``N (M H + M)``; ``taylor``, ``N (D H + D)`` with ``D = 1 + H + H(H+1)/2``; ``based:W``, the same with Based's
+  16 features (D = 153) plus the window's cache ``2 min(W, T) d_model``; ``retnet`` / ``gla`` / ``deltanet``, the
+  matrix state ``N H H``. Short-convolution buffers are not counted.
   """
   name, arg = parse(spec)
   if d_model % num_heads:
