@@ -16,7 +16,7 @@ def tiny(tmp_path_factory):
   config = config_lib.build(decode_bench.DecodeBenchConfig, decode_bench.PRESETS, "default",
                             implementations=("xla", "blockwise", "pallas", "linear_elu", "deltanet", "local:64"),
                             contexts=(256, 128), batch=2, heads=4, kv_heads=2, head_dim=16, num_splits=(1, 3),
-                            sweep_context=128, repeats=2, model_variants=("softmax", "deltanet"),
+                            sweep_context=128, repeats=1, model_variants=("softmax", "deltanet"),
                             model_contexts=(64, 128), model_d=16, model_steps=2)
   decode_bench.main(config, str(workdir))
   return workdir, json.load(open(workdir / "results.json"))
