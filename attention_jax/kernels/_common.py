@@ -75,11 +75,12 @@ def needs_mask(cfg) -> bool:
   return cfg.is_causal or cfg.window is not None or cfg.Sp != cfg.S or cfg.has_kv_len or masks_every_block(cfg)
 
 
-def not_differentiable(fn: Callable, what: str) -> Callable:
+def not_differentiable(fn: Callable, what: str, message: str | None = None) -> Callable:
   """``fn(cfg, *arrays)`` that raises a clear ``NotImplementedError`` when differentiated (``cfg`` static).
 
   Pallas calls have no derivative of their own; without this, differentiating a kernel's forward or backward pass
-  (e.g. ``jax.grad`` of a jitted ``jax.grad``) fails deep inside JAX with a bare ``AssertionError``.
+  (e.g. ``jax.grad`` of a jitted ``jax.grad``) fails deep inside JAX with a bare ``AssertionError``. ``message``
+  replaces the flash kernels' second-order message (e.g. for inference-only kernels).
   """
 
   @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
@@ -89,7 +90,7 @@ def not_differentiable(fn: Callable, what: str) -> Callable:
   @wrapped.defjvp
   def _jvp(cfg, primals, tangents):
     del cfg, primals, tangents
-    raise NotImplementedError(_SECOND_ORDER.format(what=what))
+    raise NotImplementedError(message or _SECOND_ORDER.format(what=what))
 
   return wrapped
 

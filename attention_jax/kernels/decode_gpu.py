@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention_jax import core, decode
-from attention_jax.kernels._common import F32_0, F32_1
+from attention_jax.kernels._common import F32_0, F32_1, not_differentiable
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -198,19 +198,8 @@ def _paged_kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cf
   _finish(cfg, lax.fori_loop(lo, hi, body, _init(cfg, o_ref.shape[-1])), o_ref, lse_ref)
 
 
-def _no_derivative(fn):
-  """A custom JVP that refuses: decoding kernels are inference only."""
-
-  @functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-  def wrapped(cfg, *args):
-    return fn(cfg, *args)
-
-  @wrapped.defjvp
-  def _jvp(cfg, primals, tangents):
-    del cfg, primals, tangents
-    raise NotImplementedError("the Pallas decode kernel has no derivative (decoding is inference); differentiate "
-                              "decode_attention with implementation='blockwise' or 'reference'")
-  return wrapped
+_NO_DERIVATIVE = ("the Pallas decode kernel has no derivative (decoding is inference); differentiate "
+                  "decode_attention with implementation='blockwise' or 'reference'")
 
 
 def _out_specs(cfg: _Config, hvp: int, B: int, K: int):
@@ -221,7 +210,6 @@ def _out_specs(cfg: _Config, hvp: int, B: int, K: int):
   return specs, shapes
 
 
-@_no_derivative
 def _decode_call(cfg: _Config, lens, q, k, v):
   B, K, _, hp = q.shape
   hvp = v.shape[-1]
@@ -237,7 +225,6 @@ def _decode_call(cfg: _Config, lens, q, k, v):
       interpret=cfg.interpret, name="attention_jax_decode")(lens, q, k, v)
 
 
-@_no_derivative
 def _paged_call(cfg: _Config, lens, table, q, k, v):
   B, K, _, hp = q.shape
   P, ps = k.shape[:2]
@@ -253,6 +240,10 @@ def _paged_call(cfg: _Config, lens, table, q, k, v):
       out_specs=out_specs, out_shape=out_shape,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps, num_stages=cfg.num_stages),
       interpret=cfg.interpret, name="attention_jax_paged_decode")(lens, table, q, k, v)
+
+
+_decode_call = not_differentiable(_decode_call, "decode", _NO_DERIVATIVE)
+_paged_call = not_differentiable(_paged_call, "decode", _NO_DERIVATIVE)
 
 
 def _packed_query(query, K: int, Rp: int, hp: int):

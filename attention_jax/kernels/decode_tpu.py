@@ -63,7 +63,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attention_jax import _numerics, _tiling, core, decode
-from attention_jax.kernels._common import F32_0, F32_1
+from attention_jax.kernels._common import F32_0, F32_1, not_differentiable
 
 LANES = 128
 SUBLANES = 8
@@ -264,15 +264,7 @@ _NO_DERIVATIVE = (f"{_PATH} has no derivative (decoding is inference); different
                   "paged_decode_attention with implementation='blockwise' or 'reference' instead")
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _partials_no_grad(cfg: _Config, *arrays):
-  return _partials(cfg, *arrays)
-
-
-@_partials_no_grad.defjvp
-def _partials_jvp(cfg, primals, tangents):
-  del cfg, primals, tangents
-  raise NotImplementedError(_NO_DERIVATIVE)
+_partials_no_grad = not_differentiable(_partials, "decode", _NO_DERIVATIVE)
 
 
 # ----------------------------------------------------------------------------------------------------------
