@@ -57,11 +57,12 @@ _DISPATCH: dict[str, tuple[str, str]] = {
     "blockwise": ("attention_jax.blockwise", "blockwise_core"),
     "pallas": ("attention_jax.kernels.flash_gpu", "flash_core"),
     "pallas_tpu": ("attention_jax.kernels.flash_tpu", "flash_tpu_core"),
+    "mosaic": ("attention_jax.kernels.flash_mosaic_gpu", "mosaic_core"),
 }
 IMPLEMENTATIONS = tuple(_DISPATCH)
 # Implementations with a custom VJP: under forward-mode or second-order differentiation they step aside for the
 # reference formula (attention_jax/_autodiff.py).
-_CUSTOM_VJP = ("blockwise", "pallas", "pallas_tpu")
+_CUSTOM_VJP = ("blockwise", "pallas", "pallas_tpu", "mosaic")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -771,8 +772,8 @@ dot_product_attention = attention_function(
     local_window_size: int or ``(left, right)``; query i sees ``i-left <= j <= i+right``.
     q_segment_ids, kv_segment_ids: int ``[*B, T]`` / ``[*B, S]``; attend only within equal ids (packing).
     logits_soft_cap: ``cap * tanh(logits / cap)`` before bias and masks (Gemma 2).
-    implementation: None/"auto", "reference", "xla", "cudnn", "blockwise", "pallas", "pallas_tpu", or a sequence
-      of them: the first that takes the call runs.
+    implementation: None/"auto", "reference", "xla", "cudnn", "blockwise", "pallas", "pallas_tpu", "mosaic", or a
+      sequence of them: the first that takes the call runs.
     return_residual: also return the logsumexp ``[*B, T, N]`` as jax.nn does (input dtype, no gradient).
 
   Returns:

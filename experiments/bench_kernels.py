@@ -13,13 +13,14 @@ per function and does not depend on what ran before.
   python -m experiments.bench_kernels --summarize=/tmp/bench.json                  # table from a JSON file
 
 Implementations: ours ("pallas", "pallas_longest_first" -- the same blocks launched heaviest-first under a causal
-mask, "pallas_tpu", "blockwise", "reference"), jax.nn ("xla", "cudnn"), and jax's bundled Triton Pallas kernel
-where importable ("jax_pallas" with its default blocks, "jax_pallas_tuned" with the blocks tuned for an H200:
-forward 128 x 64, backward 64 x 64, 4 warps, 2 stages). One that cannot run here is recorded with the reason and
-the run goes on. Programmable attention: "flex" (``flex_attention`` with the causal mask as a mask_mod when
-causal) and "flex:window=W" (plus a sliding window of W keys), each optionally "@<implementation>" (default: the
-backend's kernel), so that ``--implementations=pallas,flex --causal=true`` compares flex with the built-in kernel in
-one run. (FLOPs of a window count the full causal work, so compare times, not TFLOP/s, for windows.)
+mask, "pallas_tpu", "mosaic" -- the Hopper Mosaic-GPU kernel, forward only so far, "blockwise", "reference"), jax.nn
+("xla", "cudnn"), and jax's bundled Triton Pallas kernel where importable ("jax_pallas" with its default blocks,
+"jax_pallas_tuned" with the blocks tuned for an H200: forward 128 x 64, backward 64 x 64, 4 warps, 2 stages). One
+that cannot run here is recorded with the reason and the run goes on. Programmable attention: "flex"
+(``flex_attention`` with the causal mask as a mask_mod when causal) and "flex:window=W" (plus a sliding window of W
+keys), each optionally "@<implementation>" (default: the backend's kernel), so that ``--implementations=pallas,flex
+--causal=true`` compares flex with the built-in kernel in one run. (FLOPs of a window count the full causal work, so
+compare times, not TFLOP/s, for windows.)
 Linear recurrences (causal only): "retnet", "gla", "deltanet", "linear_elu", each optionally "@chunked" (default),
 "@parallel" or "@recurrent" (the token-by-token scan); their TFLOP/s use softmax's FLOP count, so compare times:
 
@@ -145,7 +146,7 @@ def attention_fn(impl: str, causal: bool, blocks=None, **static):
         b = dataclasses.replace(b, longest_first=True)
       return flash_gpu.flash_attention(q, k, v, block_sizes=b, **static, **arrays)
     return fn
-  if impl in ("pallas_tpu", "blockwise", "reference"):
+  if impl in ("pallas_tpu", "mosaic", "blockwise", "reference"):
     return lambda q, k, v, **arrays: aj.dot_product_attention(q, k, v, implementation=impl, **static, **arrays)
   if impl.startswith("flex"):
     return flex_fn(impl, static)

@@ -200,6 +200,8 @@ DOCUMENTED = [
      dict(implementations=("pallas", "flex"), causal=(True,))),
     ("bench_kernels", "--implementations=flex,flex:window=1024 --causal=true --seq_lens=32768 --repeats=5",
      dict(implementations=("flex", "flex:window=1024"), seq_lens=(32768,))),
+    ("bench_kernels", "--implementations=mosaic,pallas,cudnn --modes=fwd --seq_lens=16384,4096",
+     dict(implementations=("mosaic", "pallas", "cudnn"), modes=("fwd",), seq_lens=(16384, 4096))),
     ("decode_bench", "--workdir=runs/decode_cpu", dict(workdir="runs/decode_cpu", batch=1, heads=8, kv_heads=1,
                                                        head_dim=64, dtype="float32", sweep_context=32768)),
     ("decode_bench", "--implementations=jax_nn,xla,blockwise,pallas_tpu --dtype=bfloat16",
