@@ -75,6 +75,20 @@ def needs_mask(cfg) -> bool:
   return cfg.is_causal or cfg.window is not None or cfg.Sp != cfg.S or cfg.has_kv_len or masks_every_block(cfg)
 
 
+def compiled_on(target: str, path: str) -> bool:
+  """For ``interpret=None``: False (compile) when the default backend is ``target`` ("gpu" or "tpu"), True
+  (interpret) on CPU, ``UnsupportedError`` elsewhere -- so that dispatch moves on to the next implementation."""
+  from attention_jax._checks import UnsupportedError
+  backend = jax.default_backend()
+  if backend == target:
+    return False
+  if backend == "cpu":
+    return True
+  other = "'pallas_tpu' on TPU" if target == "gpu" else "'pallas' on GPU"
+  raise UnsupportedError(f"{path} runs on {target.upper()} (or interpreted on CPU); backend is {backend!r}. Use "
+                         f"implementation={other} or 'blockwise' anywhere")
+
+
 def not_differentiable(fn: Callable, what: str, message: str | None = None) -> Callable:
   """``fn(cfg, *arrays)`` that raises a clear ``NotImplementedError`` when differentiated (``cfg`` static).
 

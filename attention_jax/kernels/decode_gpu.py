@@ -34,7 +34,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention_jax import core, decode
-from attention_jax.kernels._common import F32_0, F32_1, not_differentiable
+from attention_jax.kernels._common import F32_0, F32_1, compiled_on, not_differentiable
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -69,15 +69,7 @@ def _pow2(n: int) -> int:
 
 
 def _resolve_interpret(interpret):
-  if interpret is None:
-    backend = jax.default_backend()
-    if backend == "cpu":
-      return True
-    if backend != "gpu":
-      raise core.UnsupportedError(f"the Triton decode kernel runs on GPU (or interpreted on CPU); backend is "
-                                  f"{backend!r}. Use implementation='pallas_tpu' on TPU or 'blockwise' anywhere")
-    return False
-  return bool(interpret)
+  return compiled_on("gpu", "the Triton decode kernel") if interpret is None else bool(interpret)
 
 
 def _check_supported(query, value, scale, shapes: str) -> None:

@@ -63,7 +63,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attention_jax import _numerics, _tiling, core, decode
-from attention_jax.kernels._common import F32_0, F32_1, not_differentiable
+from attention_jax.kernels._common import F32_0, F32_1, compiled_on, not_differentiable
 
 LANES = 128
 SUBLANES = 8
@@ -275,13 +275,7 @@ _partials_no_grad = not_differentiable(_partials, "decode", _NO_DERIVATIVE)
 def _resolve_interpret(interpret):
   """None: compiled on TPU, Pallas's interpreter on CPU; a bool or ``pltpu.InterpretParams`` as given."""
   if interpret is None:
-    backend = jax.default_backend()
-    if backend == "tpu":
-      return False
-    if backend != "cpu":
-      raise core.UnsupportedError(f"{_PATH} runs on TPU (or interpreted on CPU); backend is {backend!r}. Use "
-                                  "implementation='pallas' on GPU or 'blockwise' anywhere")
-    return True
+    return compiled_on("tpu", _PATH)
   if isinstance(interpret, pltpu.InterpretParams):
     return interpret
   if isinstance(interpret, (bool, np.bool_)):

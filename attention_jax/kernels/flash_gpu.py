@@ -41,8 +41,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from attention_jax import _numerics, _tiling, core
-from attention_jax.kernels._common import (F32_0, F32_1, KernelConfig, flash_custom_vjp, masks_every_block,
-                                           needs_mask)
+from attention_jax.kernels._common import (F32_0, F32_1, KernelConfig, compiled_on, flash_custom_vjp,
+                                           masks_every_block, needs_mask)
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -651,16 +651,7 @@ _flash = flash_custom_vjp(_forward, _backward, with_bias=True, finite_residuals=
 
 def _resolve_interpret(interpret):
   """None: interpreted on CPU, compiled on GPU; ``core.UnsupportedError`` on other backends."""
-  if interpret is None:
-    backend = jax.default_backend()
-    if backend == "cpu":
-      return True
-    if backend != "gpu":
-      raise core.UnsupportedError(
-          f"the Triton flash kernel runs on GPU (or interpreted on CPU); backend is {backend!r}. Use "
-          "implementation='pallas_tpu' on TPU or 'blockwise' anywhere")
-    return False
-  return interpret
+  return compiled_on("gpu", "the Triton flash kernel") if interpret is None else interpret
 
 
 _PATH = "the Pallas flash kernel (Triton)"

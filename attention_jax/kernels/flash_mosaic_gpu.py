@@ -51,6 +51,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from attention_jax import _numerics, core
+from attention_jax.kernels._common import compiled_on
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -337,13 +338,7 @@ def _resolve_interpret(interpret):
   """None: GPU interpret mode on CPU, compiled on GPU; ``core.UnsupportedError`` on other backends. ``True`` means
   the default interpret parameters."""
   if interpret is None:
-    backend = jax.default_backend()
-    if backend == "cpu":
-      return plgpu.InterpretGPUParams()
-    if backend != "gpu":
-      raise core.UnsupportedError(f"{_PATH} runs on Hopper GPUs (or interpreted on CPU); backend is {backend!r}. "
-                                  "Use implementation='pallas_tpu' on TPU or 'blockwise' anywhere")
-    return None
+    return plgpu.InterpretGPUParams() if compiled_on("gpu", _PATH) else None
   if interpret is True:
     return plgpu.InterpretGPUParams()
   return interpret or None

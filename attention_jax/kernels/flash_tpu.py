@@ -58,8 +58,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from attention_jax import _numerics, _tiling, core
-from attention_jax.kernels._common import (F32_0, F32_1, KernelConfig, flash_custom_vjp, masks_every_block,
-                                           needs_mask)
+from attention_jax.kernels._common import (F32_0, F32_1, KernelConfig, compiled_on, flash_custom_vjp,
+                                           masks_every_block, needs_mask)
 
 LANES = 128      # TPU vector register: 8 sublanes x 128 lanes (of 32-bit values)
 SUBLANES = 8
@@ -724,16 +724,7 @@ def _resolve_interpret(interpret):
   """None: compiled on TPU, Pallas's interpreter (``True``) on CPU. A ``pltpu.InterpretParams`` selects the TPU
   interpret mode. ``core.UnsupportedError`` on other backends."""
   interpret = _check_interpret(interpret)
-  if interpret is None:
-    backend = jax.default_backend()
-    if backend == "tpu":
-      return False
-    if backend != "cpu":
-      raise core.UnsupportedError(
-          f"the Mosaic TPU flash kernel runs on TPU (or interpreted on CPU); backend is {backend!r}. Use "
-          "implementation='pallas' on GPU or 'blockwise' anywhere")
-    return True
-  return interpret
+  return compiled_on("tpu", "the Mosaic TPU flash kernel") if interpret is None else interpret
 
 
 _PATH = "the Pallas TPU flash kernel"

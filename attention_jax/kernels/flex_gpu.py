@@ -48,7 +48,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from attention_jax import _numerics, flex
 from attention_jax._checks import UnsupportedError
-from attention_jax.kernels._common import F32_0, F32_1, flash_custom_vjp
+from attention_jax.kernels._common import F32_0, F32_1, compiled_on, flash_custom_vjp
 from attention_jax.kernels.flash_gpu import MAX_HEAD_DIM, padded_head_dim
 
 _PATH = "flex_attention's Pallas GPU kernel (implementation='pallas')"
@@ -483,15 +483,7 @@ _flex = flash_custom_vjp(_forward_call, _backward, with_bias=True, finite_residu
 
 def _resolve_interpret(interpret) -> bool:
   """None: interpreted on CPU, compiled on GPU; ``UnsupportedError`` on other backends."""
-  if interpret is None:
-    backend = jax.default_backend()
-    if backend == "cpu":
-      return True
-    if backend != "gpu":
-      raise UnsupportedError(f"{_PATH} runs on GPU (or interpreted on CPU); backend is {backend!r}. Use "
-                             "implementation='pallas_tpu' on TPU or 'blockwise' anywhere")
-    return False
-  return bool(interpret)
+  return compiled_on("gpu", _PATH) if interpret is None else bool(interpret)
 
 
 def _is_pow2(n: int) -> bool:
