@@ -91,6 +91,9 @@ def _layer_plan(mixer: nnx.Module) -> LayerPlan:
   name, arg = variants.parse(spec)
   if isinstance(mixer, models.SelfAttention) and not mixer.causal:
     raise ValueError(f"attention={spec!r} with causal=False: a non-causal model has no autoregressive decode")
+  if name in ("gla", "deltanet") and arg is not None:
+    raise ValueError(f"attention={spec!r}: the short-convolution ablations have no decode form here; decode "
+                     f"{name!r} itself")
   if name in ("based", "retnet", "gla", "deltanet"):
     return LayerPlan(name, window=variants.based_window(spec) if name == "based" else None)
   if name in KV_KINDS:

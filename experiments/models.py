@@ -159,12 +159,14 @@ class RetNetMixer(_Mixer):
 
 class GLAMixer(_Mixer):
   """Gated linear attention: decay ``logsigmoid(x W_g + b) / 16`` per key channel (W_g of rank 16), per-head RMS
-  norm, swish output gate."""
+  norm, swish output gate; ``gla:conv`` adds DeltaNet's causal short convolution on q / k / v (an ablation)."""
 
   def __init__(self, d_model: int, num_heads: int, *, attention: str, causal: bool = True,
                num_kv_heads: int | None = None, rngs: nnx.Rngs):
     self._setup(attention, d_model, num_heads, causal, num_kv_heads)
     self.qkv = nnx.Linear(d_model, 3 * d_model, rngs=rngs)
+    self.conv = (CausalShortConv(3 * d_model, variants.SHORT_CONV, rngs=rngs) if variants.short_conv(attention)
+                 else None)   # gla:conv, the short-convolution ablation
     self.decay_down = nnx.Linear(d_model, variants.GLA_GATE_RANK, use_bias=False, rngs=rngs)
     self.decay_up = nnx.Linear(variants.GLA_GATE_RANK, d_model, rngs=rngs)
     self.gate = nnx.Linear(d_model, d_model, rngs=rngs)
@@ -173,7 +175,10 @@ class GLAMixer(_Mixer):
 
   def mix(self, x_BTD: jax.Array) -> jax.Array:
     N = self.num_heads
-    q, k, v = jnp.split(_heads(self.qkv(x_BTD), 3 * N), 3, axis=2)
+    qkv = self.qkv(x_BTD)
+    if self.conv is not None:
+      qkv = self.conv(qkv)
+    q, k, v = jnp.split(_heads(qkv, 3 * N), 3, axis=2)
     log_decay_BTNH = _heads(jax.nn.log_sigmoid(self.decay_up(self.decay_down(x_BTD))), N) / variants.GLA_GATE_NORMALIZER
     o = linear.decayed_linear_attention(q, k, v, log_decay_BTNH)
     return self.norm(o) * _heads(jax.nn.swish(self.gate(x_BTD)), N)
@@ -181,20 +186,24 @@ class GLAMixer(_Mixer):
 
 class DeltaNetMixer(_Mixer):
   """DeltaNet: causal short convolution + silu on q / k / v, L2-normalised q / k, ``beta = sigmoid(x W_beta)``,
-  delta-rule recurrence, per-head RMS norm."""
+  delta-rule recurrence, per-head RMS norm; ``deltanet:noconv`` drops the convolution (an ablation)."""
 
   def __init__(self, d_model: int, num_heads: int, *, attention: str, causal: bool = True,
                num_kv_heads: int | None = None, rngs: nnx.Rngs):
     self._setup(attention, d_model, num_heads, causal, num_kv_heads)
     self.qkv = nnx.Linear(d_model, 3 * d_model, rngs=rngs)
-    self.conv = CausalShortConv(3 * d_model, variants.SHORT_CONV, rngs=rngs)
+    self.conv = (CausalShortConv(3 * d_model, variants.SHORT_CONV, rngs=rngs) if variants.short_conv(attention)
+                 else None)   # deltanet:noconv, the short-convolution ablation
     self.beta = nnx.Linear(d_model, num_heads, rngs=rngs)
     self.norm = HeadRMSNorm(num_heads, self.head_dim)
     self.out = nnx.Linear(d_model, d_model, rngs=rngs)
 
   def mix(self, x_BTD: jax.Array) -> jax.Array:
     N = self.num_heads
-    q, k, v = jnp.split(_heads(jax.nn.silu(self.conv(self.qkv(x_BTD))), 3 * N), 3, axis=2)
+    qkv = self.qkv(x_BTD)
+    if self.conv is not None:
+      qkv = self.conv(qkv)
+    q, k, v = jnp.split(_heads(jax.nn.silu(qkv), 3 * N), 3, axis=2)
     beta_BTN = jax.nn.sigmoid(self.beta(x_BTD))
     o = linear.delta_rule_attention(_l2_normalize(q), _l2_normalize(k), v, beta_BTN)
     return self.norm(o)

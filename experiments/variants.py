@@ -94,6 +94,22 @@ def parse(spec: str) -> tuple[str, str | None]:
   return name, (arg or None)
 
 
+# Ablations of the short convolution: DeltaNet without it, GLA with it (the same CausalShortConv of width
+# SHORT_CONV on the q / k / v projections).
+CONV_OPTIONS = {"deltanet": ("noconv",), "gla": ("conv",)}
+
+
+def short_conv(spec: str) -> bool:
+  """Whether a mixer variant runs the causal short convolution on its q / k / v projections: DeltaNet does
+  (``deltanet:noconv`` does not), GLA does not (``gla:conv`` does)."""
+  name, arg = parse(spec)
+  allowed = CONV_OPTIONS.get(name, ())
+  if arg is not None and arg not in allowed:
+    raise ValueError(f"unknown option {arg!r} in attention variant {spec!r}; {name} takes "
+                     f"{' or '.join(repr(a) for a in allowed) or 'no option'}")
+  return (name == "deltanet" and arg != "noconv") or (name == "gla" and arg == "conv")
+
+
 def based_window(spec: str) -> int:
   """The sliding window W of a ``based[:W]`` spec."""
   name, arg = parse(spec)

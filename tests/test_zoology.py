@@ -16,7 +16,7 @@ from experiments import compare, models, tasks, train, variants
 from experiments import config as config_lib
 from tests.helpers import assert_close
 
-NEW_VARIANTS = ("taylor", "based:4", "retnet", "gla", "deltanet")
+NEW_VARIANTS = ("taylor", "based:4", "retnet", "gla", "deltanet", "gla:conv", "deltanet:noconv")
 # These tests run tiny steps once: on the CPU, XLA's backend optimisations would take most of their time.
 FAST_COMPILE = dict(xla_backend_optimization_level=0, xla_llvm_disable_expensive_passes=True)
 TINY_MQAR = dict(seq_len=16, num_kv_pairs=2, vocab_size=40)
@@ -95,6 +95,20 @@ def test_causal_short_conv_matches_a_loop():
       if t - 3 + i >= 0:
         want[:, t] += w[i] * x[:, t - 3 + i]
   assert_close(conv(jnp.asarray(x, jnp.float32)), want, jnp.float32)
+
+
+def test_short_convolution_ablations():
+  """deltanet:noconv drops DeltaNet's short convolution, gla:conv gives GLA the same one; other options refuse."""
+  has_conv = {spec: models.make_mixer(16, 2, attention=spec, causal=True, rngs=nnx.Rngs(0)).conv is not None
+              for spec in ("deltanet", "deltanet:noconv", "gla", "gla:conv")}
+  assert has_conv == {"deltanet": True, "deltanet:noconv": False, "gla": False, "gla:conv": True}
+  for spec, match in (("gla:noconv", "gla takes 'conv'"), ("deltanet:conv", "deltanet takes 'noconv'"),
+                      ("retnet:conv", "retnet takes no option")):
+    with pytest.raises(ValueError, match=match):
+      variants.short_conv(spec)
+  with pytest.raises(ValueError, match="short-convolution ablations have no decode form"):
+    from experiments import generate
+    generate.decode_plan(models.TransformerLM(20, 16, 2, 1, 16, attention="gla:conv", rngs=nnx.Rngs(0)))
 
 
 def test_head_rms_norm():
