@@ -13,7 +13,7 @@ per function and does not depend on what ran before.
   python -m experiments.bench_kernels --summarize=/tmp/bench.json                  # table from a JSON file
 
 Implementations: ours ("pallas", "pallas_longest_first" -- the same blocks launched heaviest-first under a causal
-mask, "pallas_tpu", "mosaic" -- the Hopper Mosaic-GPU kernel, forward only so far, "blockwise", "reference"), jax.nn
+mask, "pallas_tpu", "mosaic" -- the Hopper Mosaic-GPU kernel, "blockwise", "reference"), jax.nn
 ("xla", "cudnn"), and jax's bundled Triton Pallas kernel where importable ("jax_pallas" with its default blocks,
 "jax_pallas_tuned" with the blocks tuned for an H200: forward 128 x 64, backward 64 x 64, 4 warps, 2 stages). One
 that cannot run here is recorded with the reason and the run goes on. Programmable attention: "flex"

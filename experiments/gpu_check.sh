@@ -15,7 +15,7 @@
 # ZOOLOGY_BUDGET_S > 0 runs the Zoology MQAR sweep (compare --preset=zoology at T=ZOOLOGY_SEQ_LENS, default
 # 64,128,256,512; resumable: ZOOLOGY_RESUME=<results.json of an earlier run> keeps its finished runs; results under
 # $OUT/zoology), and times the linear recurrences (chunked RetNet / GLA / DeltaNet against cuDNN, bf16 T=16K);
-# MOSAIC_BUDGET_S > 0 runs the Hopper Mosaic-GPU kernel's tests compiled and times its forward (bench_mosaic.json);
+# MOSAIC_BUDGET_S > 0 runs the Hopper Mosaic-GPU kernel's tests compiled and times it (bench_mosaic.json);
 # DECODE_BUDGET_S > 0 runs the decode kernels' tests compiled and experiments/decode_bench.py --preset=gpu (decode
 # attention against context to 1M, the bandwidth at 64K next to cuDNN / XLA / jax's decode op; under $OUT/decode);
 # TUNE_BUDGET_S > 0 runs experiments/tune_blocks.py last (TUNE_HEAD_DIMS x TUNE_DTYPES; rows under $OUT/tune.json).
@@ -123,12 +123,12 @@ fi
 
 MOSAIC_BUDGET_S=${MOSAIC_BUDGET_S:-120}
 if [ "$MOSAIC_BUDGET_S" -gt 0 ]; then
-  echo "== 3f. Hopper Mosaic-GPU kernel: its tests compiled, then forward at T=4K/16K next to pallas and cuDNN"
+  echo "== 3f. Hopper Mosaic-GPU kernel: its tests compiled, then fwd and fwd+bwd at T=4K/16K next to pallas, cuDNN"
   timeout $((MOSAIC_BUDGET_S / 2)) python -m pytest -q -p no:cacheprovider -rs tests/test_flash_mosaic_gpu.py \
-    > "$OUT/mosaic_tests.log" 2>&1
+    tests/test_flash_mosaic_gpu_bwd.py > "$OUT/mosaic_tests.log" 2>&1
   echo "mosaic tests exit: $?"; tail -5 "$OUT/mosaic_tests.log"
   timeout $((MOSAIC_BUDGET_S / 2 + 60)) python -m experiments.bench_kernels --budget_s=$((MOSAIC_BUDGET_S / 2)) \
-    --implementations=mosaic,pallas,cudnn --modes=fwd --seq_lens=16384,4096 --out="$OUT/bench_mosaic.json" \
+    --implementations=mosaic,pallas,cudnn --seq_lens=16384,4096 --out="$OUT/bench_mosaic.json" \
     > "$OUT/bench_mosaic.log" 2>&1
   echo "mosaic bench exit: $?"; grep -v "^W\|^I" "$OUT/bench_mosaic.log" | tail -14
 fi

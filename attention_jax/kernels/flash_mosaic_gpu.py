@@ -25,12 +25,17 @@ tests run in) lacks what the faster ones need:
 Both are the next things to measure on a GPU (register-LHS wgmma and a ``run_state`` accumulator save SMEM traffic
 and registers), as is FA3's ping-pong scheduling of the two consumers, which this kernel does not do.
 
-Scope: forward only (differentiating raises ``NotImplementedError``); bfloat16 / float16; head dims H and Hv in
-{64, 128, 256}; GQA; causal (top-left aligned); ``key_value_seq_lengths`` (in the kernel) and
-``query_seq_lengths`` (rows beyond the length are set to zero / ``-inf`` after the kernel). Any T and S: the
-wrapper pads to whole tiles. A non-finite value at a position a query cannot see can still reach that query
-through ``0 * NaN`` in the ``P V`` wgmma (the other kernels clean hidden values; this one does not yet).
-Everything else (dense masks and biases, segment ids, windows, soft-cap, float32 / float64) raises
+Backward (``flash_mosaic_gpu_bwd.py``, a custom VJP that saves q, k, v, out and the logsumexp): a dK/dV kernel over
+key blocks looping over the GQA group's query heads and the query blocks that see each key block, and a dQ kernel
+over query blocks, in the same warpgroup layout; head dims 64 and 128 (256 raises ``core.UnsupportedError`` when
+the gradient is traced).
+
+Scope: bfloat16 / float16; head dims H and Hv in {64, 128, 256} (the backward: 64 and 128); GQA; causal
+(top-left aligned); ``key_value_seq_lengths`` (in the kernel) and ``query_seq_lengths`` (those rows' queries are
+zeroed before the kernel and their outputs set to zero / ``-inf`` after it). Any T and S: the wrapper pads to
+whole tiles. A non-finite value at a position a query cannot see would reach that query through ``0 * NaN`` in the
+``P V`` wgmma, so a call whose output is not finite reruns through the blockwise path (which selects around hidden
+positions). Everything else (dense masks and biases, segment ids, windows, soft-cap, float32 / float64) raises
 ``core.UnsupportedError``.
 
 The semantics every function shares (layout, masks, residual, dtypes) are in docs/DESIGN.md.
@@ -51,7 +56,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from attention_jax import _numerics, core
-from attention_jax.kernels._common import compiled_on
+from attention_jax.kernels._common import compiled_on, flash_custom_vjp
 
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
@@ -318,20 +323,13 @@ def _forward_impl(cfg: _Config, q, k, v, kv_len):
   return call(*args)
 
 
-_NOT_DIFFERENTIABLE = ("the Mosaic GPU flash kernel has no backward pass yet (shapes {shapes}); differentiate "
-                       "implementation='pallas' (Triton), 'blockwise' or 'reference' instead")
+def _backward(cfg: _Config, q, k, v, kv_len, out, lse, d_out, d_lse):
+  from attention_jax.kernels import flash_mosaic_gpu_bwd as bwd   # it imports this module
+  return bwd.mosaic_backward(cfg, q, k, v, kv_len, out, lse, d_out, d_lse)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0,))
-def _forward(cfg: _Config, q, k, v, kv_len):
-  return _forward_impl(cfg, q, k, v, kv_len)
-
-
-@_forward.defjvp
-def _forward_jvp(cfg, primals, tangents):
-  del tangents
-  q, k, v = primals[:3]
-  raise NotImplementedError(_NOT_DIFFERENTIABLE.format(shapes=f"q {q.shape}, k {k.shape}, v {v.shape}"))
+# Residuals: the padded q, k, v, the lengths, out and the logsumexp (0 instead of -inf on rows with no key).
+_flash = flash_custom_vjp(_forward_impl, _backward, finite_residuals=True)
 
 
 def _resolve_interpret(interpret):
@@ -391,11 +389,14 @@ def mosaic_core(inp: core.AttentionInputs, *, block_sizes: BlockSizes | int | No
                 Tp=Tp, Sp=Sp, groups=N // K, has_kv_len=inp.kv_lengths is not None, blocks=blocks,
                 interpret=_resolve_interpret(interpret))
   # A non-finite query or key row makes every logit it enters NaN (an Inf must not yield a -inf that hides a key).
-  q = _numerics.pad_axis(_numerics.nan_rows(inp.query), 1, Tp)
+  query = inp.query
+  if inp.q_lengths is not None:   # rows beyond a query length: zeros in, so nothing of theirs reaches dK / dV
+    query = jnp.where((jnp.arange(T)[None, :] < inp.q_lengths[:, None])[:, :, None, None], query, 0)
+  q = _numerics.pad_axis(_numerics.nan_rows(query), 1, Tp)
   k = _numerics.pad_axis(_numerics.nan_rows(inp.key), 1, Sp)
   v = _numerics.pad_axis(inp.value, 1, Sp)
   kv_len = None if inp.kv_lengths is None else inp.kv_lengths.astype(jnp.int32)
-  out, lse = _forward(cfg, q, k, v, kv_len)
+  out, lse = _flash(cfg, q, k, v, (kv_len,))
   out, lse = out[:, :T], lse[:, :, :T]
   if inp.q_lengths is not None:   # rows at or beyond a query length see no key
     live_BT = jnp.arange(T)[None, :] < inp.q_lengths[:, None]
