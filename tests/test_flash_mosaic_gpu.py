@@ -204,3 +204,18 @@ def test_lowers_for_hopper(H, Hv, causal, lengths):
   text = lower_for_cuda(f, sds((2, 300, 4, H), jnp.bfloat16), sds((2, 200, 2, H), jnp.bfloat16),
                         sds((2, 200, 2, Hv), jnp.bfloat16), sds((2,), jnp.int32) if lengths else None)
   assert "mosaic_gpu" in text
+
+
+def test_public_entry_point_and_reference():
+  """``aj.kernels.flash_attention_mosaic`` (caller's batch dims, residual in jax.nn's format) against its
+  ``_reference`` twin, which shares the argument checks and computes the plain formula."""
+  import attention_jax as aj
+  rng = np.random.default_rng(3)
+  q, k, v = (randn(rng, (2, 1, 33, 2, 64), jnp.bfloat16), randn(rng, (2, 1, 50, 1, 64), jnp.bfloat16),
+             randn(rng, (2, 1, 50, 1, 64), jnp.bfloat16))
+  got, lse = aj.kernels.flash_attention_mosaic(q, k, v, is_causal=True, return_residual=True)
+  want, want_lse = aj.kernels.flash_attention_mosaic_reference(q, k, v, is_causal=True, block_sizes=64,
+                                                               return_residual=True)
+  assert got.shape == q.shape and lse.shape == q.shape[:-1]
+  assert_close(got, want, jnp.bfloat16)
+  assert_close(lse, want_lse, jnp.bfloat16)

@@ -412,3 +412,16 @@ def _selecting_forward(inp: core.AttentionInputs) -> tuple[jax.Array, jax.Array]
   from attention_jax import blockwise
   out, lse = blockwise.blockwise_core(inp)
   return out.astype(inp.query.dtype), lax.stop_gradient(lse).astype(jnp.float32)
+
+
+flash_attention_mosaic = core.implementation_function(
+    mosaic_core, name="flash_attention_mosaic", module=__name__,
+    options={"block_sizes": core.Option(None, check_block_sizes), "interpret": core.Option(None)},
+    doc="""Flash attention for Hopper (Pallas Mosaic GPU); semantics of :func:`attention_jax.dot_product_attention`.
+
+  ``query [*B, T, N, H]``, ``key [*B, S, K, H]``, ``value [*B, S, K, Hv]`` in bfloat16 / float16, H and Hv in
+  {64, 128, 256} (the backward: 64, 128), ``N % K == 0``, causal, key / query lengths. ``block_sizes`` overrides
+  :meth:`BlockSizes.get_default` (a plain int: ``block_k``); ``interpret=None`` runs GPU interpret mode on CPU and
+  compiles on GPU. Other options raise ``core.UnsupportedError``.
+  """)
+flash_attention_mosaic_reference = core.reference_function(flash_attention_mosaic, module=__name__)
