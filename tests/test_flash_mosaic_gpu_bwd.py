@@ -1,8 +1,9 @@
 """The backward of the Mosaic GPU (Hopper) flash kernel, run in Pallas' GPU interpret mode on CPU.
 
-The kernels are wired to the forward by a local ``jax.custom_vjp`` (forward: ``flash_mosaic_gpu._forward`` on inputs
-padded as ``mosaic_core`` pads them; backward: ``mosaic_backward``), and the gradients are compared with those of
-the reference implementation differentiated by JAX in float64 from the same low-precision inputs.
+The kernels are wired to the forward by a local ``jax.custom_vjp`` (forward: ``flash_mosaic_gpu._forward_impl`` on
+inputs padded as ``mosaic_core`` pads them; backward: ``mosaic_backward``), and the gradients are compared with
+those of the reference implementation differentiated by JAX in float64 from the same low-precision inputs
+(tests/test_flash_mosaic_gpu.py also runs them through the dispatcher's own custom VJP).
 """
 
 import functools
@@ -41,11 +42,11 @@ def _fresh_interpreter():
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _attend(cfg, q, k, v, kv_len):
-  return fm._forward(cfg, q, k, v, kv_len)
+  return fm._forward_impl(cfg, q, k, v, kv_len)
 
 
 def _attend_fwd(cfg, q, k, v, kv_len):
-  out, lse = fm._forward(cfg, q, k, v, kv_len)
+  out, lse = fm._forward_impl(cfg, q, k, v, kv_len)
   return (out, lse), (q, k, v, kv_len, out, jnp.where(jnp.isneginf(lse), 0.0, lse))
 
 
